@@ -1,0 +1,1 @@
+"""Data: the indexed token file, tokenizers, corpus packing, training samples and their order."""

@@ -1,0 +1,462 @@
+"""The binary indexed token file: Megatron-LM's MMIDIDX format plus a JSON sidecar.
+
+Layout (see ../shared/docs/ANCHORS.md and Megatron's ``megatron/core/datasets/indexed_dataset.py``)::
+
+    PREFIX.bin   raw tokens of every sequence, back to back, no header
+    PREFIX.idx   magic b"MMIDIDX\\x00\\x00" | <Q version=1 | <B dtype code | <Q sequence count S
+                 | <Q document count D (= documents + 1) | int32[S] sequence lengths
+                 | int64[S] byte offsets into .bin | int64[D] document indices
+    PREFIX.json  what Megatron's index lacks (tokenizer fingerprint, vocab, checksums, inputs...)
+
+We write one sequence per document (document indices = 0..S), which is what Megatron's
+``preprocess_data.py`` writes without ``--split-sentences``; the reader also accepts Megatron files
+whose documents span several sequences.
+
+Crash safety: the writer streams tokens to temporary files and renames them into place only when
+everything is written; ``.idx`` is renamed last, so it is the commit point. A reader needs ``.idx``,
+hence an interrupted write never leaves a readable output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+HEADER_SIZE = 9 + 8 + 1 + 8 + 8  # magic, version, dtype code, sequence count, document count
+
+DTYPE_BY_CODE: dict[int, np.dtype] = {
+    1: np.dtype(np.uint8),
+    2: np.dtype(np.int8),
+    3: np.dtype(np.int16),
+    4: np.dtype(np.int32),
+    5: np.dtype(np.int64),
+    6: np.dtype(np.float64),
+    7: np.dtype(np.float32),
+    8: np.dtype(np.uint16),
+}
+CODE_BY_DTYPE: dict[np.dtype, int] = {dtype: code for code, dtype in DTYPE_BY_CODE.items()}
+# Token dtypes a language model can use; the float codes exist in Megatron's table for other data.
+INTEGER_TOKEN_DTYPES = {np.dtype(t) for t in (np.uint8, np.int8, np.int16, np.int32, np.int64, np.uint16)}
+
+# Megatron's own threshold (``DType.optimal_dtype``): uint16 below 65,500 entries, else int32.
+UINT16_VOCAB_LIMIT = 65500
+
+SIDECAR_FORMAT = "cpt-ds-token-file"
+SIDECAR_FORMAT_VERSION = 1
+
+_HASH_CHUNK_BYTES = 16 << 20
+
+
+class TokenFileError(ValueError):
+    """A token file is missing, malformed or inconsistent; the message names the file and the fix."""
+
+
+def token_dtype_for_vocab(vocab_size: int) -> np.dtype:
+    """The smallest dtype Megatron would pick for ``vocab_size`` ids (int32 for LLaMA-3's 128,256)."""
+    if vocab_size <= 0:
+        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+    if vocab_size < UINT16_VOCAB_LIMIT:
+        return np.dtype(np.uint16)
+    if vocab_size > np.iinfo(np.int32).max:
+        raise ValueError(f"vocab_size {vocab_size} does not fit int32 token ids")
+    return np.dtype(np.int32)
+
+
+def paths_for(prefix: str | os.PathLike) -> tuple[Path, Path, Path]:
+    """``(PREFIX.bin, PREFIX.idx, PREFIX.json)`` for a prefix (a trailing ``.bin``/``.idx`` is dropped)."""
+    prefix = str(prefix)
+    for suffix in (".bin", ".idx", ".json"):
+        if prefix.endswith(suffix):
+            prefix = prefix[: -len(suffix)]
+            break
+    return Path(prefix + ".bin"), Path(prefix + ".idx"), Path(prefix + ".json")
+
+
+def sha256_file(path: str | os.PathLike, progress: Callable[[int], None] | None = None) -> str:
+    """Streaming sha256 of a file; ``progress`` is called with the number of bytes read per chunk."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+            if progress is not None:
+                progress(len(chunk))
+    return digest.hexdigest()
+
+
+def _fsync_path(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------------
+# Writer
+# --------------------------------------------------------------------------------------------------
+
+
+class IndexedTokenWriter:
+    """Streams documents into ``PREFIX.bin``/``.idx``/``.json`` with all-or-nothing visibility.
+
+    Use as a context manager: leaving the block with an exception removes the temporary files, and
+    ``finalize(meta)`` must be called inside the block to publish the output.
+    """
+
+    def __init__(self, prefix: str | os.PathLike, *, dtype: np.dtype | type, overwrite: bool = False):
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in INTEGER_TOKEN_DTYPES:
+            raise ValueError(f"token dtype must be an integer type, got {self.dtype}")
+        self.bin_path, self.idx_path, self.json_path = paths_for(prefix)
+        existing = [str(p) for p in (self.bin_path, self.idx_path, self.json_path) if p.exists()]
+        if existing and not overwrite:
+            raise FileExistsError(
+                f"output already exists: {', '.join(existing)}; choose another --output or pass --overwrite"
+            )
+        self.bin_path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(prefix)
+        tag = f".tmp-{os.getpid()}"
+        self._tmp_bin = self.bin_path.with_name(self.bin_path.name + tag)
+        self._tmp_idx = self.idx_path.with_name(self.idx_path.name + tag)
+        self._tmp_json = self.json_path.with_name(self.json_path.name + tag)
+        self._bin = open(self._tmp_bin, "wb")
+        self._bin_digest = hashlib.sha256()
+        self._lengths: list[np.ndarray] = []
+        self.num_documents = 0
+        self.num_tokens = 0
+        self.max_token_id = -1
+        self._finalized = False
+
+    def __enter__(self) -> IndexedTokenWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._finalized:
+            self.abort()
+
+    def add_document(self, tokens: np.ndarray) -> None:
+        tokens = np.asarray(tokens)
+        self.add_documents(tokens, np.array([tokens.size], dtype=np.int64))
+
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append several documents: ``tokens`` is their concatenation, ``lengths`` their sizes."""
+        tokens = np.asarray(tokens)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if int(lengths.sum()) != tokens.size:
+            raise ValueError(f"lengths sum to {int(lengths.sum())} but {tokens.size} tokens were given")
+        if lengths.size and int(lengths.max()) > np.iinfo(np.int32).max:
+            raise ValueError("a document longer than 2**31-1 tokens cannot be indexed (int32 lengths)")
+        if tokens.size:
+            low, high = int(tokens.min()), int(tokens.max())
+            info = np.iinfo(self.dtype)
+            if low < 0 or high > info.max:
+                raise ValueError(f"token ids must lie in [0, {info.max}] for {self.dtype}, got [{low}, {high}]")
+            self.max_token_id = max(self.max_token_id, high)
+        data = tokens.astype(self.dtype, copy=False).tobytes()
+        self._bin.write(data)
+        self._bin_digest.update(data)
+        self._lengths.append(lengths.astype(np.int32))
+        self.num_documents += int(lengths.size)
+        self.num_tokens += int(tokens.size)
+
+    def finalize(self, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write ``.idx`` and ``.json``, flush everything, and rename into place (``.idx`` last).
+
+        ``meta`` holds the caller's sidecar fields (tokenizer, inputs, options, tool version); the
+        counts, dtype and ``.bin`` checksum are filled in here. Returns the sidecar dictionary.
+        """
+        self._bin.flush()
+        os.fsync(self._bin.fileno())
+        self._bin.close()
+        lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, dtype=np.int32)
+        write_index(self._tmp_idx, lengths, self.dtype)
+        sidecar = dict(meta or {})
+        sidecar.update(
+            format=SIDECAR_FORMAT,
+            format_version=SIDECAR_FORMAT_VERSION,
+            dtype=self.dtype.name,
+            num_documents=self.num_documents,
+            num_tokens=self.num_tokens,
+            max_token_id=self.max_token_id,
+            bin_sha256=self._bin_digest.hexdigest(),
+            bin_bytes=self.num_tokens * self.dtype.itemsize,
+        )
+        with open(self._tmp_json, "w", encoding="utf-8") as handle:
+            json.dump(sidecar, handle, indent=2, sort_keys=True, ensure_ascii=False)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        # Un-publish an old output first so that no moment shows a new .bin under an old .idx.
+        self.idx_path.unlink(missing_ok=True)
+        os.replace(self._tmp_bin, self.bin_path)
+        os.replace(self._tmp_json, self.json_path)
+        os.replace(self._tmp_idx, self.idx_path)
+        _fsync_dir(self.idx_path.parent)
+        self._finalized = True
+        return sidecar
+
+    def abort(self) -> None:
+        """Close and delete the temporary files; the published output (if any) is untouched."""
+        if not self._bin.closed:
+            self._bin.close()
+        for path in (self._tmp_bin, self._tmp_idx, self._tmp_json):
+            path.unlink(missing_ok=True)
+        self._finalized = True
+
+
+def remove_stale_temporaries(prefix: str | os.PathLike) -> list[Path]:
+    """Delete ``PREFIX.{bin,idx,json}.tmp-PID`` files left by a killed writer whose process is gone."""
+    removed = []
+    for final in paths_for(prefix):
+        for path in final.parent.glob(final.name + ".tmp-*"):
+            pid_text = path.name.rsplit(".tmp-", 1)[1]
+            if pid_text.isdigit() and _process_alive(int(pid_text)):
+                continue
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftovers from an earlier writer in this process are stale too
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_index(path: str | os.PathLike, lengths: np.ndarray, dtype: np.dtype) -> None:
+    """Write an MMIDIDX index for one document per sequence with the given sequence lengths."""
+    lengths = np.asarray(lengths, dtype=np.int32)
+    num_sequences = int(lengths.size)
+    offsets = np.zeros(num_sequences, dtype=np.int64)
+    if num_sequences > 1:
+        np.cumsum(lengths[:-1], dtype=np.int64, out=offsets[1:])
+    offsets *= np.dtype(dtype).itemsize
+    document_indices = np.arange(num_sequences + 1, dtype=np.int64)
+    with open(path, "wb") as handle:
+        handle.write(MAGIC)
+        handle.write(struct.pack("<Q", VERSION))
+        handle.write(struct.pack("<B", CODE_BY_DTYPE[np.dtype(dtype)]))
+        handle.write(struct.pack("<Q", num_sequences))
+        handle.write(struct.pack("<Q", document_indices.size))
+        handle.write(lengths.tobytes(order="C"))
+        handle.write(offsets.tobytes(order="C"))
+        handle.write(document_indices.tobytes(order="C"))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+# --------------------------------------------------------------------------------------------------
+# Reader
+# --------------------------------------------------------------------------------------------------
+
+
+class IndexedTokenFile:
+    """A memory-mapped, validated token file: O(1) access to any document or token range.
+
+    Opening checks the index header (magic, version, dtype code), that the counts agree with the
+    index's size, that offsets are consistent with lengths, and that ``.bin`` is exactly as large as
+    the index says. ``verify()`` additionally checks the ``.bin`` checksum and every id < vocab.
+    """
+
+    def __init__(self, prefix: str | os.PathLike):
+        self.bin_path, self.idx_path, self.json_path = paths_for(prefix)
+        self.prefix = str(self.bin_path)[: -len(".bin")]
+        if not self.idx_path.exists():
+            hint = " (a .bin without .idx is an interrupted write: pack again)" if self.bin_path.exists() else ""
+            raise TokenFileError(f"{self.idx_path}: token file index not found{hint}; check the prefix")
+        if not self.bin_path.exists():
+            raise TokenFileError(f"{self.bin_path}: token data not found next to its index; copy the .bin too")
+        self._index = np.memmap(self.idx_path, dtype=np.uint8, mode="r") if self.idx_path.stat().st_size else None
+        self._parse_index()
+        self.meta: dict[str, Any] | None = self._read_sidecar()
+        self._check_bin_size()
+        self._bin = (
+            np.memmap(self.bin_path, dtype=self.dtype, mode="r")
+            if self.num_tokens
+            else np.zeros(0, dtype=self.dtype)
+        )
+
+    # ---- validation at open ----------------------------------------------------------------------
+
+    def _fail(self, path: Path, problem: str, fix: str) -> TokenFileError:
+        return TokenFileError(f"{path}: {problem}; {fix}")
+
+    def _parse_index(self) -> None:
+        size = self.idx_path.stat().st_size
+        if size < HEADER_SIZE:
+            raise self._fail(self.idx_path, f"index is {size} bytes, shorter than the {HEADER_SIZE}-byte header",
+                             "the file is empty or truncated: pack the corpus again")
+        header = bytes(self._index[:HEADER_SIZE])
+        if header[:9] != MAGIC:
+            raise self._fail(self.idx_path, f"bad magic {header[:9]!r} (expected {MAGIC!r})",
+                             "this is not a Megatron MMIDIDX index: pass the prefix of a file written by "
+                             "tools/pack_corpus.py or Megatron's preprocess_data.py")
+        (version,) = struct.unpack("<Q", header[9:17])
+        if version != VERSION:
+            raise self._fail(self.idx_path, f"unsupported index version {version} (this reader knows {VERSION})",
+                             "re-pack the corpus with tools/pack_corpus.py")
+        code = header[17]
+        if code not in DTYPE_BY_CODE:
+            raise self._fail(self.idx_path, f"unknown dtype code {code} (known: {sorted(DTYPE_BY_CODE)})",
+                             "the index is corrupt: pack the corpus again")
+        self.dtype = DTYPE_BY_CODE[code]
+        if self.dtype not in INTEGER_TOKEN_DTYPES:
+            raise self._fail(self.idx_path, f"dtype code {code} ({self.dtype}) is not an integer token type",
+                             "token files must hold integer ids: pack the corpus again")
+        num_sequences, num_document_indices = struct.unpack("<QQ", header[18:34])
+        expected = HEADER_SIZE + 4 * num_sequences + 8 * num_sequences + 8 * num_document_indices
+        if size != expected:
+            raise self._fail(self.idx_path,
+                             f"index is {size} bytes but its header ({num_sequences} sequences, "
+                             f"{num_document_indices} document indices) implies {expected}",
+                             "the index is truncated or corrupt: pack the corpus again")
+        if num_document_indices < 1:
+            raise self._fail(self.idx_path, "document index is empty (it must start with 0)",
+                             "the index is corrupt: pack the corpus again")
+        start = HEADER_SIZE
+        self.sequence_lengths = np.frombuffer(self._index, dtype=np.int32, count=num_sequences, offset=start)
+        start += 4 * num_sequences
+        self.sequence_pointers = np.frombuffer(self._index, dtype=np.int64, count=num_sequences, offset=start)
+        start += 8 * num_sequences
+        self.document_indices = np.frombuffer(self._index, dtype=np.int64, count=num_document_indices, offset=start)
+        self.num_sequences = int(num_sequences)
+
+        if num_sequences and int(self.sequence_lengths.min()) < 0:
+            raise self._fail(self.idx_path, "negative sequence length in the index",
+                             "the index is corrupt: pack the corpus again")
+        itemsize = self.dtype.itemsize
+        token_offsets = np.zeros(num_sequences, dtype=np.int64)
+        if num_sequences > 1:
+            np.cumsum(self.sequence_lengths[:-1], dtype=np.int64, out=token_offsets[1:])
+        if not np.array_equal(token_offsets * itemsize, self.sequence_pointers):
+            raise self._fail(self.idx_path, "sequence byte offsets disagree with the sequence lengths",
+                             "the index is corrupt or not contiguous: pack the corpus again")
+        self.sequence_token_offsets = token_offsets
+        di = self.document_indices
+        if int(di[0]) != 0 or int(di[-1]) != num_sequences or (di.size > 1 and bool(np.any(np.diff(di) < 0))):
+            raise self._fail(self.idx_path,
+                             f"document indices must rise from 0 to the sequence count {num_sequences}",
+                             "the index is corrupt: pack the corpus again")
+        self.num_tokens = int(self.sequence_lengths.sum(dtype=np.int64))
+        self.num_documents = int(di.size - 1)
+        # Token offset of each document start plus the end sentinel: document i = [starts[i], starts[i+1]).
+        sequence_starts = np.append(token_offsets, np.int64(self.num_tokens))
+        self.document_token_offsets = sequence_starts[di]
+
+    def _read_sidecar(self) -> dict[str, Any] | None:
+        if not self.json_path.exists():
+            return None  # a plain Megatron file: readable, but without our provenance
+        try:
+            with open(self.json_path, encoding="utf-8") as handle:
+                meta = json.load(handle)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise self._fail(self.json_path, f"sidecar is not valid JSON ({error})",
+                             "restore it or delete it to read the file as a plain Megatron file") from None
+        if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
+            raise self._fail(self.json_path, f"sidecar 'format' is not {SIDECAR_FORMAT!r}",
+                             "this JSON is not a cpt-ds token file sidecar: move it away")
+        if meta.get("format_version") != SIDECAR_FORMAT_VERSION:
+            raise self._fail(self.json_path, f"unsupported sidecar format_version {meta.get('format_version')}",
+                             "re-pack the corpus with this version of tools/pack_corpus.py")
+        problems = []
+        if meta.get("num_tokens") != self.num_tokens:
+            problems.append(f"num_tokens {meta.get('num_tokens')} != index {self.num_tokens}")
+        if meta.get("num_documents") != self.num_documents:
+            problems.append(f"num_documents {meta.get('num_documents')} != index {self.num_documents}")
+        if meta.get("dtype") != self.dtype.name:
+            problems.append(f"dtype {meta.get('dtype')} != index {self.dtype.name}")
+        if problems:
+            raise self._fail(self.json_path, "sidecar disagrees with the index (" + "; ".join(problems) + ")",
+                             "the .idx and .json come from different packs: pack the corpus again")
+        return meta
+
+    def _check_bin_size(self) -> None:
+        actual = self.bin_path.stat().st_size
+        expected = self.num_tokens * self.dtype.itemsize
+        if actual != expected:
+            state = "truncated" if actual < expected else "longer than its index"
+            raise self._fail(self.bin_path,
+                             f"token data is {actual} bytes but the index describes {self.num_tokens} "
+                             f"{self.dtype.name} tokens = {expected} bytes ({state})",
+                             "the .bin and .idx do not belong together or the copy is incomplete: copy or pack again")
+
+    # ---- access ----------------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int | None:
+        return None if self.meta is None else self.meta.get("vocab_size")
+
+    @property
+    def document_lengths(self) -> np.ndarray:
+        return np.diff(self.document_token_offsets)
+
+    def __len__(self) -> int:
+        return self.num_documents
+
+    def document(self, index: int) -> np.ndarray:
+        """Tokens of document ``index`` (a read-only view into the memory map)."""
+        if not -self.num_documents <= index < self.num_documents:
+            raise IndexError(f"document {index} out of range for {self.num_documents} documents in {self.bin_path}")
+        index %= self.num_documents
+        return self._bin[self.document_token_offsets[index] : self.document_token_offsets[index + 1]]
+
+    def tokens(self, start: int, stop: int) -> np.ndarray:
+        """Tokens ``[start, stop)`` of the whole token stream (documents back to back)."""
+        if not 0 <= start <= stop <= self.num_tokens:
+            raise IndexError(f"token range [{start}, {stop}) outside [0, {self.num_tokens}] in {self.bin_path}")
+        return self._bin[start:stop]
+
+    def iter_chunks(self, chunk_tokens: int = 1 << 24) -> Iterator[np.ndarray]:
+        for start in range(0, self.num_tokens, chunk_tokens):
+            yield self._bin[start : min(start + chunk_tokens, self.num_tokens)]
+
+    # ---- full check ------------------------------------------------------------------------------
+
+    def verify(self, vocab_size: int | None = None, progress: Callable[[int], None] | None = None) -> None:
+        """Full check: ``.bin`` checksum against the sidecar and every id in ``[0, vocab_size)``.
+
+        ``vocab_size`` defaults to the sidecar's; a plain Megatron file without one must be given it.
+        ``progress`` is called with the number of bytes checked per chunk.
+        """
+        vocab = vocab_size if vocab_size is not None else self.vocab_size
+        if vocab is None:
+            raise TokenFileError(f"{self.json_path}: no sidecar, so the vocabulary size is unknown; "
+                                 "pass the vocabulary size to verify against")
+        digest = hashlib.sha256()
+        for chunk_index, chunk in enumerate(self.iter_chunks()):
+            digest.update(chunk.tobytes())
+            if chunk.size:
+                low, high = int(chunk.min()), int(chunk.max())
+                if low < 0 or high >= vocab:
+                    bad = int(np.flatnonzero((chunk < 0) | (chunk >= vocab))[0])
+                    position = chunk_index * (1 << 24) + bad
+                    document = int(np.searchsorted(self.document_token_offsets, position, side="right") - 1)
+                    raise TokenFileError(
+                        f"{self.bin_path}: token {position} (document {document}) has id {int(chunk[bad])}, "
+                        f"outside the vocabulary [0, {vocab}); the file was packed with another tokenizer "
+                        "or is corrupt: pack it again with the model's tokenizer")
+            if progress is not None:
+                progress(chunk.nbytes)
+        if self.meta is not None and self.meta.get("bin_sha256") != digest.hexdigest():
+            raise TokenFileError(f"{self.bin_path}: sha256 {digest.hexdigest()} does not match the sidecar's "
+                                 f"{self.meta.get('bin_sha256')}; the token data is corrupt: copy or pack it again")
