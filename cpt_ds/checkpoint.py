@@ -1,0 +1,357 @@
+"""Crash-safe checkpoints and exact resume on top of DeepSpeed's engine checkpoints.
+
+DeepSpeed stores module, optimizer and its step counters, but no RNG and no data position, and
+writes ``latest`` before the other ranks finish (../shared/docs/RELIABILITY.md). Here a checkpoint
+``output_dir/step-NNNNNNNN/`` is:
+
+- DeepSpeed's files (``engine.save_checkpoint(..., save_latest=False)``) with our client state
+  (step, consumed_samples, fingerprints, world size, run config);
+- ``rng_state_<rank>.pt`` per rank (python, numpy, torch, cuda), written via temp + rename;
+- ``cpt_ds_complete.json``, the completeness marker, written last by rank 0 after every rank has
+  written and fsynced its files and passed a barrier. It lists every file with size and sha256.
+
+A folder without the marker does not exist for resume and is deleted by the next save. ``latest``
+(DeepSpeed's own format, so zero_to_fp32 and friends keep working) moves only after the marker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "cpt_ds_complete.json"
+LATEST_FILE = "latest"
+UNIVERSAL_DIR = "universal"
+CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, corrupt or incompatible; the message names it and the fix."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / COMPLETE_MARKER).is_file()
+
+
+def read_marker(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / COMPLETE_MARKER).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is incomplete (no {COMPLETE_MARKER}: its save was interrupted); "
+                              "resume from an earlier checkpoint or use resume_from_checkpoint auto") from None
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path / COMPLETE_MARKER} is not valid JSON ({error}); the checkpoint is corrupt") from None
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """All ``step-NNNNNNNN`` folders (complete or not), oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for child in output_dir.iterdir():
+        match = CHECKPOINT_PATTERN.match(child.name)
+        if match and child.is_dir():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def newest_complete(output_dir: Path) -> Path | None:
+    complete = [path for _, path in list_checkpoints(output_dir) if is_complete(path)]
+    return complete[-1] if complete else None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(16 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + f".tmp-{os.getpid()}")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    _fsync(path.parent)
+
+
+def _owned_by(name: str, rank: int) -> bool:
+    """Whether ``rank`` wrote (and so hashes and verifies) file ``name`` of a DeepSpeed checkpoint.
+
+    DeepSpeed names per-rank files ``..._rank_<r>_...``; everything else (``mp_rank_00_model_states.pt``,
+    our marker) belongs to rank 0.
+    """
+    match = re.search(r"(?:pp_rank|rng_state)_(\d+)", name)
+    return int(match.group(1)) == rank if match else rank == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# RNG state
+# --------------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Distributed helpers (all no-ops in a single process)
+# --------------------------------------------------------------------------------------------------
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def _broadcast(value: Any) -> Any:
+    if not _distributed():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def _gather(value: Any) -> list[Any]:
+    if not _distributed():
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpointer
+# --------------------------------------------------------------------------------------------------
+
+
+class Checkpointer:
+    def __init__(self, output_dir: str | os.PathLike, *, rank: int, world_size: int,
+                 save_total_limit: int | None = None, fault_delay_seconds: float = 0.0):
+        self.output_dir = Path(output_dir)
+        self.rank = rank
+        self.world_size = world_size
+        self.save_total_limit = save_total_limit
+        self.fault_delay_seconds = fault_delay_seconds
+
+    # ---- save ------------------------------------------------------------------------------------
+
+    def save(self, engine: Any, step: int, client_state: dict[str, Any], *, exclude_frozen: bool,
+             write_extra: Callable[[Path], None] | None = None) -> Path:
+        """Save step ``step`` on all ranks; returns the folder once it is complete everywhere.
+
+        ``write_extra(folder)`` runs on rank 0 after DeepSpeed's files, for what export needs beyond
+        weights; its files are covered by the marker like every other file.
+        """
+        name = checkpoint_name(step)
+        path = self.output_dir / name
+        if self.rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        already = _broadcast(is_complete(path) if self.rank == 0 else None)
+        if already:
+            # Same step, same state (e.g. the run resumed from here and ends here): keep the proven copy.
+            logger.info("checkpoint %s is already complete; not saving it again", path)
+            return path
+        if self.rank == 0 and path.exists():
+            logger.warning("removing incomplete checkpoint %s left by an interrupted save", path)
+            shutil.rmtree(path)
+        _barrier()
+        started = time.monotonic()
+        engine.save_checkpoint(str(self.output_dir), tag=name, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=exclude_frozen)
+        if self.rank == 0 and write_extra is not None:
+            write_extra(path)
+        rng_file = path / f"rng_state_{self.rank}.pt"
+        temporary = rng_file.with_name(rng_file.name + ".tmp")
+        torch.save(rng_state(), temporary)
+        os.replace(temporary, rng_file)
+        if self.fault_delay_seconds:
+            # Fault injection (tests): a window in which the shards exist but the marker does not.
+            logger.warning("save_fault_delay_seconds: sleeping %.1f s before completing %s",
+                           self.fault_delay_seconds, path)
+            time.sleep(self.fault_delay_seconds)
+        _barrier()  # every rank's DeepSpeed files exist before any rank lists the folder
+        own = {}
+        for file in sorted(path.rglob("*")):
+            name = file.relative_to(path).as_posix()
+            if file.is_file() and _owned_by(name, self.rank):
+                _fsync(file)
+                own[name] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+        files: dict[str, Any] = {}
+        for part in _gather(own):
+            files.update(part)
+        _barrier()
+        if self.rank == 0:
+            _fsync(path)
+            marker = {"format_version": FORMAT_VERSION, "step": step, "world_size": self.world_size,
+                      "consumed_samples": client_state["cpt_ds"]["data"]["consumed_samples"],
+                      "fingerprints": client_state["cpt_ds"]["fingerprints"], "files": files}
+            _atomic_write_text(path / COMPLETE_MARKER, json.dumps(marker, indent=2, sort_keys=True) + "\n")
+            _atomic_write_text(self.output_dir / LATEST_FILE, name)
+            logger.info("saved checkpoint %s (%d files, %.1f s)", path, len(files), time.monotonic() - started)
+        _barrier()
+        if self.rank == 0:
+            self._rotate(keep=path)
+        _barrier()
+        return path
+
+    def _rotate(self, keep: Path) -> None:
+        """Delete incomplete folders and complete ones beyond ``save_total_limit`` (never ``keep``)."""
+        complete = [path for _, path in list_checkpoints(self.output_dir) if is_complete(path)]
+        doomed = [path for _, path in list_checkpoints(self.output_dir) if not is_complete(path) and path != keep]
+        if self.save_total_limit is not None:
+            doomed += [path for path in complete[: -self.save_total_limit] if path != keep]
+        for path in doomed:
+            try:
+                # Marker first: a half-deleted folder must never look complete.
+                (path / COMPLETE_MARKER).unlink(missing_ok=True)
+                shutil.rmtree(path)
+                logger.info("deleted old checkpoint %s", path)
+            except OSError as error:  # a failed delete must not kill training; the space is reported
+                logger.warning("could not delete %s (%s); delete it by hand", path, error)
+
+    # ---- resume ----------------------------------------------------------------------------------
+
+    def resolve(self, resume_from_checkpoint: str) -> Path | None:
+        """The checkpoint to resume from, decided on rank 0 and shared so all ranks agree."""
+        decision: Any = None
+        if self.rank == 0:
+            decision = self._decide(resume_from_checkpoint)
+        decision = _broadcast(decision)
+        if isinstance(decision, dict):  # rank 0's error, raised identically everywhere
+            raise CheckpointError(decision["error"])
+        return None if decision is None else Path(decision)
+
+    def _decide(self, resume_from_checkpoint: str) -> str | dict[str, str] | None:
+        if resume_from_checkpoint == "none":
+            logger.info("resume_from_checkpoint none: starting fresh")
+            return None
+        if resume_from_checkpoint == "auto":
+            found = newest_complete(self.output_dir)
+            if found is None:
+                incomplete = [p.name for _, p in list_checkpoints(self.output_dir)]
+                extra = f" (ignoring incomplete {', '.join(incomplete)})" if incomplete else ""
+                logger.info("no complete checkpoint in %s%s: starting fresh", self.output_dir, extra)
+                return None
+            logger.info("resuming from %s (newest complete checkpoint in %s)", found, self.output_dir)
+            return str(found)
+        path = Path(resume_from_checkpoint)
+        if not path.is_dir():
+            return {"error": f"resume_from_checkpoint {path} does not exist; pass a step-NNNNNNNN folder, "
+                             "'auto' or 'none'"}
+        if not is_complete(path):
+            return {"error": f"resume_from_checkpoint {path} is incomplete (no {COMPLETE_MARKER}: its save "
+                             "was interrupted); pass an earlier checkpoint or 'auto'"}
+        return str(path)
+
+    def verify(self, path: Path) -> dict[str, Any]:
+        """Check every file listed by the marker (size everywhere, sha256 of this rank's files)."""
+        marker = read_marker(path)
+        errors = []
+        for name, expected in sorted(marker["files"].items()):
+            file = path / name
+            if not file.is_file():
+                errors.append(f"{file} is missing")
+                continue
+            size = file.stat().st_size
+            if size != expected["bytes"]:
+                errors.append(f"{file} is {size} bytes, {expected['bytes']} when saved (truncated or replaced)")
+            elif _owned_by(name, self.rank) and _sha256(file) != expected["sha256"]:
+                errors.append(f"{file} has sha256 {_sha256(file)[:12]}..., {expected['sha256'][:12]}... when saved "
+                              "(corrupted)")
+        everyone = sorted({error for part in _gather(errors) for error in part})
+        if everyone:
+            raise CheckpointError(f"checkpoint {path} is damaged: " + "; ".join(everyone)
+                                  + "; resume from another checkpoint (resume_from_checkpoint PATH)")
+        return marker
+
+    def load_rng(self, path: Path, *, fallback_seed: int) -> None:
+        """Restore this rank's RNG; a rank that did not exist when saving gets a seeded fresh state."""
+        file = path / f"rng_state_{self.rank}.pt"
+        if file.is_file():
+            set_rng_state(torch.load(file, weights_only=False))
+            return
+        logger.warning("no RNG state for rank %d in %s (saved with another world size); seeding it with %d",
+                       self.rank, path, fallback_seed)
+        random.seed(fallback_seed)
+        np.random.seed(fallback_seed % 2**32)
+        torch.manual_seed(fallback_seed)
+
+    def universal_checkpoint(self, path: Path) -> Path:
+        """Convert ``path`` to DeepSpeed's universal format once (rank 0); returns the converted folder.
+
+        Universal checkpoints hold each parameter and its optimizer state whole, so any world size can
+        load them (deepspeed.checkpoint.ds_to_universal; loaded with checkpoint.load_universal).
+        """
+        target = self.output_dir / UNIVERSAL_DIR / path.name
+        if self.rank == 0 and not is_complete(target):
+            from deepspeed.checkpoint import ds_to_universal
+
+            if target.exists():
+                shutil.rmtree(target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            logger.info("converting %s to a universal checkpoint in %s", path, target)
+            args = _universal_args(input_folder=str(path), output_folder=str(target))
+            ds_to_universal.main(args)
+            for name in list(read_marker(path)["files"]):
+                if name.startswith("rng_state_"):
+                    shutil.copy2(path / name, target / name)
+            shutil.copy2(path / COMPLETE_MARKER, target / (COMPLETE_MARKER + ".source"))
+            _atomic_write_text(target / COMPLETE_MARKER, json.dumps(
+                {"universal_from": str(path), "files": {}}, indent=2) + "\n")
+        _barrier()
+        return target
+
+
+def _universal_args(*, input_folder: str, output_folder: str) -> Any:
+    import argparse
+
+    return argparse.Namespace(input_folder=input_folder, output_folder=output_folder, num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)

@@ -1,0 +1,453 @@
+"""The run configuration: one flat JSON file whose every field can be overridden by ``--field value``.
+
+Field names and meanings follow the baseline ``run_clm_pt_with_peft.py`` / ``run_pt.sh`` wherever the
+baseline has the flag, so a user's script migrates by search-and-replace (README: migration table).
+Internally the flat namespace is split into one small dataclass per component; ``RunConfig.load``
+parses, routes each key to its component, and ``validate`` reports every problem in one ValueError.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+# Baseline flags that have no counterpart here, with what to do instead. Named so the unknown-key
+# error for a migrated run_pt.sh says why instead of just "unknown".
+RETIRED_FIELDS: dict[str, str] = {
+    "dataset_dir": "pack the corpus once with tools/pack_corpus.py and pass the prefixes as data_path",
+    "data_cache_dir": "token files replace arrow caches: pack with tools/pack_corpus.py and use data_path",
+    "preprocessing_num_workers": "tokenization is offline: use tools/pack_corpus.py --workers",
+    "overwrite_output_dir": "training resumes from output_dir (resume_from_checkpoint auto); "
+                            "use a new output_dir or resume_from_checkpoint none to start over",
+    "do_train": "train.py always trains; drop the flag",
+    "do_eval": "evaluation runs every eval_steps and at the end; drop the flag",
+    "bf16": "precision comes from the DeepSpeed JSON (its bf16 section); drop the flag",
+    "fp16": "precision comes from the DeepSpeed JSON (its fp16 section); drop the flag",
+    "evaluation_strategy": "set eval_steps",
+    "eval_strategy": "set eval_steps",
+    "save_strategy": "set save_steps",
+    "logging_strategy": "set logging_steps",
+    "logging_first_step": "step 1 is always logged; drop the flag",
+    "ddp_timeout": "set the process-group timeout with dist_timeout_minutes",
+    "report_to": "enable TensorBoard/CSV in the DeepSpeed JSON's monitor sections",
+    "logging_dir": "set the monitor output_path in the DeepSpeed JSON",
+}
+
+
+class ConfigError(ValueError):
+    """The run configuration is invalid; the message lists every problem found."""
+
+
+def _choices(tp: Any) -> tuple[Any, ...] | None:
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    model_name_or_path: str | None = None
+    """Local Hugging Face model folder to continue pretraining; None trains from scratch from a config."""
+    tokenizer_name_or_path: str | None = None
+    """Tokenizer folder; defaults to model_name_or_path. Its fingerprint must match the token files'."""
+    config_name: str | None = None
+    """Model config (folder or config.json) for training from scratch."""
+    model_type: str = "llama"
+    """Model type for training from scratch when no config_name is given."""
+    config_overrides: str | None = None
+    """From scratch: 'hidden_size=256,num_hidden_layers=4,...' applied to the config."""
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Dtype to load weights in; 'auto' follows the DeepSpeed JSON (bf16 -> bfloat16, fp16 -> float16, else float32)."""
+    use_flash_attention_2: bool = False
+    """Use flash_attention_2 (needs the 'flash' extra and a GPU); otherwise PyTorch SDPA."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    full_finetuning: bool = False
+    """Train every weight; False trains LoRA adapters (the baseline's default)."""
+    trainable: str = "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj"
+    """LoRA target modules, comma separated."""
+    lora_rank: int = 64
+    lora_alpha: float = 128.0
+    lora_dropout: float = 0.05
+    modules_to_save: str | None = None
+    """Modules trained in full next to LoRA, comma separated (e.g. 'embed_tokens,lm_head')."""
+    peft_path: str | None = None
+    """An existing LoRA adapter folder to continue training from."""
+    load_in_kbits: Literal[4, 8, 16] = 16
+    """QLoRA: quantize the frozen base weights to 4 or 8 bits with bitsandbytes; 16 = no quantization."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.model_name_or_path is None and self.config_name is None and not self.model_type:
+            found.append("set model_name_or_path (continue pretraining) or config_name / model_type (from scratch)")
+        if self.model_name_or_path is not None and self.config_overrides:
+            found.append("config_overrides only applies when training from scratch; "
+                         "drop it or drop model_name_or_path")
+        if self.tokenizer_name_or_path is None and self.model_name_or_path is None:
+            found.append("tokenizer_name_or_path is required when training from scratch")
+        if not self.full_finetuning:
+            if self.model_name_or_path is None:
+                found.append("LoRA (full_finetuning false) adapts a pretrained model: set model_name_or_path, "
+                             "or set full_finetuning true to train from scratch")
+            if self.lora_rank <= 0:
+                found.append(f"lora_rank must be positive, got {self.lora_rank}")
+            if not 0.0 <= self.lora_dropout < 1.0:
+                found.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+            if not self.trainable_modules:
+                found.append("trainable names no LoRA target modules")
+        else:
+            if self.peft_path is not None:
+                found.append("peft_path loads a LoRA adapter, which full_finetuning does not train; drop one")
+            if self.load_in_kbits != 16:
+                found.append("load_in_kbits 4/8 quantizes frozen base weights for QLoRA; "
+                             "full_finetuning cannot train quantized weights: set full_finetuning false")
+        if self.load_in_kbits != 16 and self.model_name_or_path is None:
+            found.append("load_in_kbits needs pretrained weights to quantize: set model_name_or_path")
+        return found
+
+    @property
+    def trainable_modules(self) -> list[str]:
+        return [name.strip() for name in self.trainable.split(",") if name.strip()]
+
+    @property
+    def modules_to_save_list(self) -> list[str]:
+        return [name.strip() for name in (self.modules_to_save or "").split(",") if name.strip()]
+
+    @property
+    def tokenizer_path(self) -> str | None:
+        return self.tokenizer_name_or_path or self.model_name_or_path
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    data_path: list[str] = field(default_factory=list)
+    """Token-file prefixes (from tools/pack_corpus.py), read back to back in this order."""
+    eval_data_path: list[str] = field(default_factory=list)
+    """Optional separate validation token files; otherwise documents are held out of data_path."""
+    block_size: int = 1024
+    """Tokens per training sample (the model sees block_size inputs and block_size next-token labels)."""
+    validation_split_percentage: float = 0.001
+    """Fraction (0.001 = 0.1%) of documents held out for validation when eval_data_path is empty."""
+    max_train_samples: int | None = None
+    """Use only the first N training samples (windows) of the stream."""
+    max_eval_samples: int | None = None
+    """Evaluate on only the first N validation samples."""
+
+    def problems(self) -> list[str]:
+        found = []
+        if not self.data_path:
+            found.append("data_path is empty: pass one or more token-file prefixes made by tools/pack_corpus.py")
+        if self.block_size < 2:
+            found.append(f"block_size must be at least 2, got {self.block_size}")
+        if not 0.0 <= self.validation_split_percentage < 1.0:
+            found.append(f"validation_split_percentage is a fraction in [0, 1), got {self.validation_split_percentage}")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                found.append(f"{name} must be positive or null, got {value}")
+        return found
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    learning_rate: float = 1e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay (not applied to biases and norm weights)."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_epsilon: float = 1e-8
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = 0.05
+    """Warmup as a fraction of the total steps (used when warmup_steps is 0)."""
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    """Floor of the decay as a fraction of learning_rate."""
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.learning_rate <= 0:
+            found.append(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.weight_decay < 0:
+            found.append(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            found.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.warmup_steps < 0:
+            found.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            found.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        return found
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    deepspeed: str = "ds_configs/zero2.json"
+    """The DeepSpeed JSON (ZeRO stage, precision, batch sizes, optional optimizer/scheduler/monitor)."""
+    output_dir: str = "outputs/run"
+    per_device_train_batch_size: int | None = None
+    """Micro-batch per rank; overrides the DeepSpeed JSON's train_micro_batch_size_per_gpu when set."""
+    gradient_accumulation_steps: int | None = None
+    """Overrides the DeepSpeed JSON's gradient_accumulation_steps when set."""
+    per_device_eval_batch_size: int | None = None
+    """Eval micro-batch per rank; defaults to the training micro-batch."""
+    max_steps: int = -1
+    """Optimizer steps to train; -1 derives them from num_train_epochs."""
+    num_train_epochs: float = 1.0
+    stop_at_step: int | None = None
+    """Save and exit after this step without finishing (time-limited jobs); relaunch to continue.
+    Unlike lowering max_steps it leaves the LR schedule untouched."""
+    seed: int = 42
+    """Seeds the model init, the data order, the held-out split and dropout."""
+    logging_steps: int = 10
+    eval_steps: int | None = None
+    """Evaluate every N steps (and always at the end); None = only at the end."""
+    save_steps: int | None = None
+    """Checkpoint every N steps (and always at the end); None = only at the end."""
+    save_total_limit: int | None = None
+    """Keep only the newest N complete checkpoints (at least 2); None keeps all."""
+    resume_from_checkpoint: str = "auto"
+    """'auto' (newest complete checkpoint in output_dir, else a fresh start), 'none', or a checkpoint folder."""
+    peak_tflops: float | None = None
+    """Per-device peak TFLOP/s for the MFU estimate; None = known GPUs' bf16 peak, no MFU on CPU."""
+    dist_timeout_minutes: int = 30
+    """Process-group timeout (the baseline's ddp_timeout, in minutes)."""
+    save_fault_delay_seconds: float = 0.0
+    """Fault injection for tests: sleep this long in the middle of every save (after the shards, before the marker)."""
+    export_final: bool = True
+    """Write the trained model in Hugging Face format to output_dir/final at the end."""
+
+    def problems(self) -> list[str]:
+        found = []
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size",
+                     "eval_steps", "save_steps", "stop_at_step"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                found.append(f"{name} must be positive or null, got {value}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            found.append(f"max_steps must be positive or -1 (derive from num_train_epochs), got {self.max_steps}")
+        if self.max_steps == -1 and self.num_train_epochs <= 0:
+            found.append(f"num_train_epochs must be positive when max_steps is -1, got {self.num_train_epochs}")
+        if self.logging_steps <= 0:
+            found.append(f"logging_steps must be positive, got {self.logging_steps}")
+        if self.save_total_limit is not None and self.save_total_limit < 2:
+            found.append(f"save_total_limit must be at least 2 (the newest checkpoint may be mid-save when "
+                         f"an older one is deleted), got {self.save_total_limit}")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            found.append(f"peak_tflops must be positive, got {self.peak_tflops}")
+        if self.save_fault_delay_seconds < 0:
+            found.append(f"save_fault_delay_seconds must be >= 0, got {self.save_fault_delay_seconds}")
+        return found
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    SECTIONS: typing.ClassVar[tuple[str, ...]] = ("model", "data", "optim", "train")
+
+    # ---- construction ----------------------------------------------------------------------------
+
+    @classmethod
+    def field_types(cls) -> dict[str, tuple[str, Any]]:
+        """Flat field name -> (section, type) for every configurable field."""
+        table: dict[str, tuple[str, Any]] = {}
+        for section in cls.SECTIONS:
+            section_type = typing.get_type_hints(cls)[section]
+            hints = typing.get_type_hints(section_type)
+            for item in dataclasses.fields(section_type):
+                assert item.name not in table, f"field {item.name} is defined twice"
+                table[item.name] = (section, hints[item.name])
+        return table
+
+    @classmethod
+    def from_flat(cls, values: dict[str, Any], *, source: str = "config") -> RunConfig:
+        """Build from a flat ``{field: value}`` dict; every unknown key and bad type is reported at once."""
+        table = cls.field_types()
+        problems: list[str] = []
+        sections: dict[str, dict[str, Any]] = {section: {} for section in cls.SECTIONS}
+        for key, value in values.items():
+            if key not in table:
+                hint = RETIRED_FIELDS.get(key)
+                problems.append(f"{key}: not a cpt-ds field ({hint})" if hint
+                                else f"{key}: unknown field (see README 'Run configuration')")
+                continue
+            section, tp = table[key]
+            try:
+                sections[section][key] = _coerce(value, tp)
+            except (TypeError, ValueError) as error:
+                problems.append(f"{key}: {error}")
+        if problems:
+            raise ConfigError(f"invalid run configuration ({source}): " + "; ".join(problems))
+        hints = typing.get_type_hints(cls)
+        return cls(**{section: hints[section](**sections[section]) for section in cls.SECTIONS})
+
+    @classmethod
+    def load(cls, argv: list[str] | None = None) -> RunConfig:
+        """Parse ``[--config RUN.json] [--field value ...]``; flags override the JSON's values."""
+        parser = argparse.ArgumentParser(description="cpt-ds continued pretraining", allow_abbrev=False)
+        parser.add_argument("--config", help="run configuration JSON (flat field -> value)")
+        # The deepspeed launcher appends --local_rank; ranks are read from the environment instead.
+        parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+        args, rest = parser.parse_known_args(argv)
+        values: dict[str, Any] = {}
+        source = "command line"
+        if args.config:
+            path = Path(args.config)
+            if not path.is_file():
+                raise ConfigError(f"--config {path}: file not found; pass the run configuration JSON")
+            try:
+                loaded = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as error:
+                raise ConfigError(f"--config {path}: not valid JSON ({error}); fix the file") from None
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"--config {path}: must hold a JSON object of field -> value")
+            values.update(loaded)
+            source = f"{path} + command line"
+        values.update(_parse_overrides(rest, cls.field_types()))
+        return cls.from_flat(values, source=source)
+
+    def to_flat(self) -> dict[str, Any]:
+        flat: dict[str, Any] = {}
+        for section in self.SECTIONS:
+            flat.update(dataclasses.asdict(getattr(self, section)))
+        return flat
+
+    def replace(self, **changes: Any) -> RunConfig:
+        flat = self.to_flat()
+        flat.update(changes)
+        return RunConfig.from_flat(flat)
+
+    # ---- validation ------------------------------------------------------------------------------
+
+    def config_problems(self) -> list[str]:
+        """Problems visible from the values alone (no file access)."""
+        found: list[str] = []
+        for section in self.SECTIONS:
+            found += getattr(self, section).problems()
+        return found
+
+    def copy(self) -> RunConfig:
+        return copy.deepcopy(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsing helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _parse_overrides(tokens: list[str], table: dict[str, tuple[str, Any]]) -> dict[str, Any]:
+    """``--key value`` pairs (list fields take every value up to the next flag); values stay strings."""
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    index = 0
+    while index < len(tokens):
+        token = tokens[index]
+        if not token.startswith("--"):
+            problems.append(f"unexpected argument {token!r} (flags are --field value)")
+            index += 1
+            continue
+        key, _, inline = token[2:].partition("=")
+        key = key.replace("-", "_")
+        index += 1
+        taken: list[str] = [inline] if inline else []
+        while index < len(tokens) and not tokens[index].startswith("--"):
+            taken.append(tokens[index])
+            index += 1
+        tp = table.get(key, (None, None))[1]
+        if _is_list(tp):
+            values[key] = taken
+        elif len(taken) == 1:
+            values[key] = taken[0]
+        elif not taken and _base(tp) is bool:
+            values[key] = "true"
+        else:
+            problems.append(f"--{key} takes one value, got {len(taken)}")
+    if problems:
+        raise ConfigError("invalid command line: " + "; ".join(problems))
+    return values
+
+
+def _base(tp: Any) -> Any:
+    """Strip ``X | None``."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [arg for arg in typing.get_args(tp) if arg is not type(None)]
+        return args[0] if len(args) == 1 else tp
+    return tp
+
+
+def _is_list(tp: Any) -> bool:
+    return typing.get_origin(_base(tp)) is list
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Convert a JSON value or a command-line string to ``tp``; raise ValueError naming the expectation."""
+    optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("null", "none")):
+        if optional:
+            return None
+        raise ValueError("must not be null")
+    base = _base(tp)
+    choices = _choices(base)
+    if choices is not None:
+        for choice in choices:
+            if value == choice or (isinstance(value, str) and str(choice) == value):
+                return choice
+        raise ValueError(f"must be one of {list(choices)}, got {value!r}")
+    if _is_list(base):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise ValueError(f"must be a list of strings, got {value!r}")
+        return list(value)
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"must be true or false, got {value!r}")
+    if base is int:
+        if isinstance(value, bool):
+            raise ValueError(f"must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ValueError(f"must be an integer, got {value!r}")
+    if base is float:
+        if isinstance(value, bool):
+            raise ValueError(f"must be a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"must be a number, got {value!r}")
+    if base is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"must be a string, got {value!r}")
+    raise AssertionError(f"unsupported field type {tp}")
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    return Path(os.path.expanduser(str(path)))

@@ -1,0 +1,52 @@
+"""Process-group setup, rank helpers and the one logging setup (rank 0 speaks, others warn)."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed(timeout_minutes: int = 30) -> tuple[int, int, int]:
+    """Join the process group started by the deepspeed launcher (or torchrun); ``(rank, world, local_rank)``.
+
+    A plain ``python train.py`` is a world of one. gloo on CPU, NCCL on CUDA.
+    """
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   timeout=datetime.timedelta(minutes=timeout_minutes))
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def setup_logging(rank: int) -> None:
+    """INFO on rank 0, WARNING elsewhere, one format; quiets DeepSpeed's per-step chatter."""
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, stream=sys.stdout, force=True,
+                        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("cpt_ds").setLevel(level)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

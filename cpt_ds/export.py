@@ -1,0 +1,157 @@
+"""Checkpoint -> Hugging Face folder: full weights (safetensors), a peft adapter, or a merged LoRA model.
+
+Weights come from DeepSpeed's fp32 master copy (``zero_to_fp32``, any ZeRO stage), never from the
+low-precision module, so the export is as exact as training state allows. The tokenizer files are
+copied byte for byte from the checkpoint, so the exported folder has the same tokenizer fingerprint
+and the same token files keep working for the next stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cpt_ds.checkpoint import CheckpointError, read_marker
+
+logger = logging.getLogger(__name__)
+
+EXPORT_INFO = "cpt_ds_export.json"
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def checkpoint_meta(checkpoint: Path) -> dict[str, Any]:
+    path = checkpoint / "cpt_ds_meta.json"
+    if not path.is_file():
+        raise CheckpointError(f"{checkpoint} has no cpt_ds_meta.json; pass a step-NNNNNNNN folder written by train.py")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def trained_state_dict(checkpoint: Path, *, exclude_frozen: bool) -> dict[str, torch.Tensor]:
+    """fp32 weights of a checkpoint (trainable only when ``exclude_frozen``), keyed like the engine's module."""
+    meta = checkpoint_meta(checkpoint)
+    if meta["zero_stage"] == 0:
+        state = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return {name: tensor.float() for name, tensor in state["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name,
+                                                         exclude_frozen_parameters=exclude_frozen))
+
+
+@contextlib.contextmanager
+def _local_construction():
+    """Build models whole on this process even inside a ZeRO-3 training process.
+
+    train.py exports on rank 0 while the ZeRO-3 ``HfDeepSpeedConfig`` is registered, which would make
+    transformers construct under ``zero.Init`` and wait for the other ranks' collectives forever.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def load_trained_model(checkpoint: Path, *, dtype: torch.dtype = torch.float32) -> Any:
+    """The trained model of a checkpoint as an in-memory HF model (a PeftModel for LoRA runs)."""
+    with _local_construction():
+        return _load_trained_model(checkpoint, dtype=dtype)
+
+
+def _load_trained_model(checkpoint: Path, *, dtype: torch.dtype) -> Any:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from cpt_ds.model import resize_embeddings
+
+    read_marker(checkpoint)  # refuses an incomplete checkpoint
+    meta = checkpoint_meta(checkpoint)
+    config = AutoConfig.from_pretrained(checkpoint / "model")
+    if not meta["is_peft"]:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        state = trained_state_dict(checkpoint, exclude_frozen=False)
+        _load_strict(model, state, checkpoint)
+        return model
+
+    from peft import LoraConfig, get_peft_model
+
+    base_path = meta["base_model"]
+    if not Path(base_path).is_dir():
+        raise CheckpointError(f"LoRA export needs the base model {base_path} recorded in {checkpoint}; "
+                              "it no longer exists there: restore it or pass --base_model")
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+    resize_embeddings(base, config.vocab_size)
+    model = get_peft_model(base, LoraConfig.from_pretrained(checkpoint / "model"))
+    state = trained_state_dict(checkpoint, exclude_frozen=True)
+    expected = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{checkpoint}: trainable weights do not match the adapter config "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    result = model.load_state_dict({name: tensor.to(dtype) for name, tensor in state.items()}, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    return model
+
+
+def _load_strict(model: Any, state: dict[str, torch.Tensor], checkpoint: Path) -> None:
+    tied = {name for name in model.state_dict() if name not in state and _is_tied(model, name)}
+    expected = set(model.state_dict()) - tied
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{checkpoint}: weights do not match the model config "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+
+
+def _is_tied(model: Any, name: str) -> bool:
+    return bool(getattr(model.config, "tie_word_embeddings", False)) and name.startswith("lm_head")
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, *, merge_lora: bool = False,
+                      dtype: str | None = None, overwrite: bool = False) -> Path:
+    """Write a Hugging Face folder for ``checkpoint`` to ``output`` (temp folder + rename).
+
+    Full runs: config + safetensors + tokenizer. LoRA runs: a peft adapter folder (adapter + any
+    modules_to_save) + tokenizer, or with ``merge_lora`` a full model with the adapter merged in.
+    ``dtype`` defaults to the training precision.
+    """
+    checkpoint, output = Path(checkpoint), Path(output)
+    meta = checkpoint_meta(checkpoint)
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} already exists; choose another --output or pass --overwrite")
+    torch_dtype = DTYPE_NAMES[dtype or meta["dtype"]]
+    model = load_trained_model(checkpoint, dtype=torch.float32)
+    kind = "full"
+    if meta["is_peft"] and merge_lora:
+        model = model.merge_and_unload()
+        kind = "merged"
+    elif meta["is_peft"]:
+        kind = "adapter"
+    model = model.to(torch_dtype)
+
+    temporary = output.with_name(output.name + f".tmp-{os.getpid()}")
+    if temporary.exists():
+        shutil.rmtree(temporary)
+    temporary.mkdir(parents=True)
+    model.save_pretrained(temporary, safe_serialization=True)
+    for file in sorted((checkpoint / "tokenizer").iterdir()):
+        shutil.copy2(file, temporary / file.name)
+    (temporary / EXPORT_INFO).write_text(json.dumps(
+        {"checkpoint": str(checkpoint.resolve()), "kind": kind, "dtype": str(torch_dtype).removeprefix("torch."),
+         "step": meta["step"], "base_model": meta.get("base_model")}, indent=2) + "\n")
+    if output.exists():
+        shutil.rmtree(output)
+    os.replace(temporary, output)
+    logger.info("exported %s (%s, %s) to %s", checkpoint, kind, torch_dtype, output)
+    return output

@@ -1,0 +1,166 @@
+"""Shifted-label metrics computed across ranks by all-reducing sums, never by gathering logits.
+
+Labels are already shifted by the sample layout (``labels[t]`` is the token after ``input_ids[t]``,
+see cpt_ds/data/samples.py), so the prediction at position ``t`` is scored against ``labels[t]``.
+Per rank and batch we keep three numbers, and only these cross the network:
+
+    loss_sum  = sum over labelled positions of -log p(label)     (fixed point, int64)
+    correct   = number of positions whose argmax == label          (int64)
+    tokens    = number of labelled positions                       (int64)
+
+    eval_loss = loss_sum / tokens,  accuracy = correct / tokens,  perplexity = exp(eval_loss)
+
+The loss sum is accumulated in fixed point (units of 2**-24 nats): integer addition is associative,
+so the all-reduced total equals a single-process sum over the same positions bit for bit, whatever
+the split across ranks or batches. Memory stays constant in the size of the eval set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from cpt_ds.data.sampler import IGNORE_INDEX
+
+LOSS_UNITS_PER_NAT = 2**24
+"""Fixed-point scale: 2**-24 nats resolution; int64 holds 2**63 / (30 * 2**24), about 1.8e10 tokens at loss 30."""
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-position cross entropy in float32 (0 where the label is ignored), shape of ``labels``."""
+    flat = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="none")
+    return flat.view(labels.shape)
+
+
+def batch_stats(logits: torch.Tensor, labels: torch.Tensor, losses: torch.Tensor | None = None) -> torch.Tensor:
+    """``int64[3] = [loss_sum (fixed point), correct, tokens]`` of one batch; no gradient."""
+    with torch.no_grad():
+        if losses is None:
+            losses = token_losses(logits, labels)
+        mask = labels != IGNORE_INDEX
+        fixed = torch.round(losses.detach().double() * LOSS_UNITS_PER_NAT).long()
+        correct = ((logits.detach().argmax(dim=-1) == labels) & mask).sum()
+        return torch.stack([fixed[mask].sum(), correct, mask.sum()]).to(torch.int64).cpu()
+
+
+@dataclass(frozen=True)
+class TokenMetrics:
+    loss_sum: int
+    correct: int
+    tokens: int
+
+    @classmethod
+    def from_tensor(cls, stats: torch.Tensor) -> TokenMetrics:
+        loss_sum, correct, tokens = (int(v) for v in stats.tolist())
+        return cls(loss_sum=loss_sum, correct=correct, tokens=tokens)
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / LOSS_UNITS_PER_NAT / self.tokens if self.tokens else math.nan
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.tokens if self.tokens else math.nan
+
+    @property
+    def perplexity(self) -> float:
+        loss = self.loss
+        return math.exp(loss) if loss < 700 else math.inf
+
+
+def all_reduce_stats(stats: torch.Tensor) -> torch.Tensor:
+    """Sum int64 stats over all ranks (a copy; gloo and NCCL both reduce int64 exactly)."""
+    total = stats.clone()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        device = _collective_device()
+        total = total.to(device)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        total = total.cpu()
+    return total
+
+
+def _collective_device() -> torch.device:
+    backend = dist.get_backend()
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_flag(flag: bool) -> bool:
+    """True when ``flag`` is true on any rank."""
+    value = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    return bool(all_reduce_stats(value).item())
+
+
+@torch.no_grad()
+def evaluate(engine_or_module: Any, batches: Any) -> TokenMetrics:
+    """Token-weighted loss, next-token accuracy and perplexity of a model over this rank's batches.
+
+    Every rank must call this with the same number of batches (see ``eval_batches``).
+    """
+    module = engine_or_module
+    was_training = module.training
+    module.eval()
+    device = next(_parameters_device(module))
+    stats = torch.zeros(3, dtype=torch.int64)
+    for batch in batches:
+        logits = module(input_ids=batch["input_ids"].to(device)).logits
+        stats += batch_stats(logits, batch["labels"].to(device))
+        del logits
+    if was_training:
+        module.train()
+    return TokenMetrics.from_tensor(all_reduce_stats(stats))
+
+
+def _parameters_device(module: Any):
+    device = getattr(module, "device", None)
+    if isinstance(device, torch.device):
+        yield device
+        return
+    for parameter in module.parameters():
+        yield parameter.device
+        return
+    yield torch.device("cpu")
+
+
+def peak_memory_gib() -> float:
+    """Peak accelerator memory allocated on this rank, or the process's peak RSS on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``output_dir/metrics.jsonl`` (rank 0 only)."""
+
+    def __init__(self, output_dir: str | os.PathLike, enabled: bool):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.enabled = enabled
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps after ``step`` (written by a run that died before its next checkpoint)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(temporary, self.path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")

@@ -1,0 +1,271 @@
+"""Build the model to train: pretrained or from scratch, ZeRO-3 partitioned, full / LoRA / QLoRA.
+
+Under ZeRO-3 an ``HfDeepSpeedConfig`` must exist before the model is constructed so transformers
+wraps construction in ``deepspeed.zero.Init`` and no rank ever holds the whole model; the object is
+returned so the caller keeps it alive (transformers only holds a weak reference).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cpt_ds.config import ModelConfig
+from cpt_ds.ds_config import DeepSpeedSettings
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PRECISION_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def training_dtype(model_config: ModelConfig, ds: DeepSpeedSettings) -> torch.dtype:
+    """The dtype weights are loaded in: the DeepSpeed precision unless torch_dtype says otherwise."""
+    if model_config.torch_dtype == "auto":
+        return PRECISION_DTYPE[ds.precision]
+    return DTYPES[model_config.torch_dtype]
+
+
+def dtype_problems(model_config: ModelConfig, ds: DeepSpeedSettings) -> list[str]:
+    if model_config.torch_dtype == "auto" or DTYPES[model_config.torch_dtype] == PRECISION_DTYPE[ds.precision]:
+        return []
+    # DeepSpeed casts the module to its own precision; a different load dtype would silently not apply.
+    return [f"torch_dtype {model_config.torch_dtype} disagrees with the DeepSpeed JSON's precision "
+            f"({ds.precision} in {ds.path}); use torch_dtype auto or change the JSON"]
+
+
+def load_hf_config(model_config: ModelConfig) -> Any:
+    """The transformers config of the model to train (no weights are read)."""
+    from transformers import AutoConfig, CONFIG_MAPPING
+
+    if model_config.model_name_or_path is not None:
+        return AutoConfig.from_pretrained(model_config.model_name_or_path)
+    if model_config.config_name is not None:
+        config = AutoConfig.from_pretrained(model_config.config_name)
+    else:
+        if model_config.model_type not in CONFIG_MAPPING:
+            raise ValueError(f"model_type {model_config.model_type!r} is not a transformers model type")
+        config = CONFIG_MAPPING[model_config.model_type]()
+    if model_config.config_overrides:
+        try:
+            config.update_from_string(model_config.config_overrides)
+        except ValueError as error:
+            raise ValueError(f"config_overrides {model_config.config_overrides!r}: {error}") from None
+    return config
+
+
+def attention_implementation(model_config: ModelConfig) -> str:
+    return "flash_attention_2" if model_config.use_flash_attention_2 else "sdpa"
+
+
+def attention_problems(model_config: ModelConfig) -> list[str]:
+    if not model_config.use_flash_attention_2:
+        return []
+    if importlib.util.find_spec("flash_attn") is None:
+        return ["use_flash_attention_2 is set but flash-attn is not installed; install it with "
+                "pip install 'cpt-ds[flash]' on a CUDA machine, or set use_flash_attention_2 false (PyTorch SDPA)"]
+    if not torch.cuda.is_available():
+        return ["use_flash_attention_2 needs a CUDA GPU; set use_flash_attention_2 false on this machine"]
+    return []
+
+
+def quantization_problems(model_config: ModelConfig, ds: DeepSpeedSettings) -> list[str]:
+    if model_config.load_in_kbits == 16:
+        return []
+    found = []
+    if importlib.util.find_spec("bitsandbytes") is None:
+        found.append("load_in_kbits needs bitsandbytes: pip install 'cpt-ds[quant]'")
+    if ds.offload_param:
+        found.append("load_in_kbits cannot be combined with ZeRO-3 parameter offload (quantized weights "
+                     "are not offloadable); use ds_configs/zero2.json or zero3.json")
+    return found
+
+
+@dataclass
+class BuiltModel:
+    module: nn.Module
+    keepalive: Any
+    """The HfDeepSpeedConfig under ZeRO-3 (None otherwise); hold it as long as the model lives."""
+    hf_config: Any
+    is_peft: bool
+    resized_from: int | None
+    """The vocabulary size before embeddings were grown to the tokenizer's, or None."""
+
+
+def build_model(model_config: ModelConfig, ds: DeepSpeedSettings, *, vocab_size: int, seed: int) -> BuiltModel:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers.integrations import HfDeepSpeedConfig
+
+    dtype = training_dtype(model_config, ds)
+    keepalive = HfDeepSpeedConfig(ds.raw) if ds.zero_stage == 3 else None
+    attn = attention_implementation(model_config)
+    torch.manual_seed(seed)  # the same random init on every rank (from-scratch runs and new rows)
+    if model_config.model_name_or_path is not None:
+        kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn}
+        if model_config.load_in_kbits in (4, 8):
+            # Embeddings and the head stay unquantized: CPT trains them (modules_to_save) and their
+            # quantization error would be paid on every token.
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=model_config.load_in_kbits == 4,
+                load_in_8bit=model_config.load_in_kbits == 8,
+                bnb_4bit_quant_type=model_config.quant_type,
+                bnb_4bit_use_double_quant=model_config.double_quant,
+                bnb_4bit_compute_dtype=dtype,
+                bnb_4bit_quant_storage=dtype,
+                llm_int8_skip_modules=["lm_head", "embed_tokens"],
+            )
+        module = AutoModelForCausalLM.from_pretrained(model_config.model_name_or_path, **kwargs)
+    else:
+        module = AutoModelForCausalLM.from_config(load_hf_config(model_config), dtype=dtype, attn_implementation=attn)
+
+    resized_from = resize_embeddings(module, vocab_size)
+
+    if model_config.gradient_checkpointing:
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        module.config.use_cache = False
+
+    is_peft = False
+    if model_config.load_in_kbits in (4, 8):
+        from peft import prepare_model_for_kbit_training
+
+        module = prepare_model_for_kbit_training(
+            module, use_gradient_checkpointing=model_config.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+        disable_bnb_cpu_inference_repack(module)
+    if not model_config.full_finetuning:
+        module = _wrap_lora(module, model_config)
+        is_peft = True
+        if model_config.gradient_checkpointing:
+            # With frozen embeddings the checkpointed blocks would get inputs without grad and skip backward.
+            module.enable_input_require_grads()
+    module.config.use_cache = False
+    return BuiltModel(module=module, keepalive=keepalive, hf_config=module.config, is_peft=is_peft,
+                      resized_from=resized_from)
+
+
+def resize_embeddings(module: nn.Module, vocab_size: int) -> int | None:
+    """Grow input embeddings (and an untied head) to ``vocab_size`` rows; returns the old size or None.
+
+    New rows are set to exactly the mean of the old rows, so a new token starts as an "average" token
+    rather than noise that spikes the loss, and export can rebuild the same rows deterministically
+    (transformers' mean_resizing samples them randomly around the mean instead).
+    """
+    weight = module.get_input_embeddings().weight
+    old_rows = int(getattr(weight, "ds_shape", weight.shape)[0])
+    if vocab_size <= old_rows:
+        return None
+    module.resize_token_embeddings(vocab_size, mean_resizing=False)
+    layers = [module.get_input_embeddings()]
+    head = module.get_output_embeddings()
+    if head is not None and head.weight is not layers[0].weight:
+        layers.append(head)
+    import deepspeed
+
+    for layer in layers:
+        parameter = layer.weight
+        with deepspeed.zero.GatheredParameters([parameter], modifier_rank=0), torch.no_grad():
+            if parameter.numel() > 0:  # ZeRO-3: only the modifier rank sees the whole tensor
+                parameter[old_rows:] = parameter[:old_rows].float().mean(dim=0).to(parameter.dtype)
+    logger.info("resized token embeddings from %d to %d rows (new rows = mean of old)", old_rows, vocab_size)
+    return old_rows
+
+
+def disable_bnb_cpu_inference_repack(module: nn.Module) -> int:
+    """Stop bitsandbytes' CPU inference repack of 4-bit weights (../shared/docs/CPU_DEEPSPEED.md, trap 2).
+
+    On CPUs with avx512_bf16 one eval-mode no_grad forward repacks ``Linear4bit`` weights for
+    inference; afterwards LoRA gradients through them are silently zero. Returns the layers patched.
+    """
+    import bitsandbytes as bnb
+
+    patched = 0
+    for layer in module.modules():
+        if isinstance(layer, bnb.nn.Linear4bit):
+            layer.support_avx512bf16_for_cpu = False
+            patched += 1
+    return patched
+
+
+def lora_config(model_config: ModelConfig) -> Any:
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=model_config.lora_rank,
+        lora_alpha=model_config.lora_alpha,
+        lora_dropout=model_config.lora_dropout,
+        target_modules=model_config.trainable_modules,
+        modules_to_save=model_config.modules_to_save_list or None,
+        inference_mode=False,
+    )
+
+
+def _wrap_lora(module: nn.Module, model_config: ModelConfig) -> nn.Module:
+    from peft import PeftModel, get_peft_model
+
+    if model_config.peft_path is not None:
+        adapter_config = json.loads((Path(model_config.peft_path) / "adapter_config.json").read_text())
+        logger.info("continuing LoRA adapter %s (r=%s, targets=%s); the lora_* fields are taken from it",
+                    model_config.peft_path, adapter_config.get("r"), adapter_config.get("target_modules"))
+        return PeftModel.from_pretrained(module, model_config.peft_path, is_trainable=True)
+    names = {name.rsplit(".", 1)[-1] for name, _ in module.named_modules()}
+    missing = [target for target in model_config.trainable_modules + model_config.modules_to_save_list
+               if target not in names]
+    if missing:
+        raise ValueError(f"trainable/modules_to_save name modules the model does not have: {missing}; "
+                         f"choose among e.g. q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,"
+                         f"embed_tokens,lm_head")
+    return get_peft_model(module, lora_config(model_config))
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameter counts, full sizes even under ZeRO-3 partitioning."""
+    total = trainable = 0
+    for parameter in module.parameters():
+        numel = int(getattr(parameter, "ds_numel", parameter.numel()))
+        if hasattr(parameter, "quant_state") or type(parameter).__name__ == "Params4bit":
+            numel *= 2  # two 4-bit values per stored byte
+        total += numel
+        if parameter.requires_grad:
+            trainable += numel
+    return total, trainable
+
+
+def flops_per_token(hf_config: Any, sequence_length: int, num_parameters: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls plus 12 * layers * heads * head_dim * seq for attention.
+
+    N excludes the input embedding (a lookup, no matmul), as torchtitan and PaLM count it.
+    """
+    embedding = hf_config.vocab_size * hf_config.hidden_size
+    heads = hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    return 6 * (num_parameters - embedding) + 12 * hf_config.num_hidden_layers * heads * head_dim * sequence_length
+
+
+# Dense bf16 peak TFLOP/s per device (vendor datasheets, without sparsity).
+_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "H20": 148.0, "A100": 312.0, "A800": 312.0,
+                "L40S": 362.0, "A6000": 155.0, "4090": 165.0, "3090": 71.0, "V100": 125.0}
+
+
+def peak_tflops(configured: float | None) -> float | None:
+    if configured is not None:
+        return configured
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, value in _PEAK_TFLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def mfu(tokens_per_second_per_device: float, flops_token: float, peak: float | None) -> float:
+    return math.nan if peak is None else tokens_per_second_per_device * flops_token / (peak * 1e12)

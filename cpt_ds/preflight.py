@@ -1,0 +1,147 @@
+"""Everything checked before anything heavy: one ValueError listing every problem of a run.
+
+Runs on every rank before the model is built (it only reads small files: JSONs, token-file indexes,
+tokenizer files), so a bad run fails in seconds with the whole list instead of one problem per
+relaunch after minutes of loading.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cpt_ds.config import ConfigError, RunConfig
+from cpt_ds.data.indexed import IndexedTokenFile, TokenFileError
+from cpt_ds.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+from cpt_ds.ds_config import DeepSpeedSettings, load_deepspeed_config
+from cpt_ds.model import attention_problems, dtype_problems, load_hf_config, quantization_problems
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class Plan:
+    """What preflight resolved, handed to the trainer so nothing is read twice."""
+
+    config: RunConfig
+    ds: DeepSpeedSettings
+    train_files: list[IndexedTokenFile]
+    eval_files: list[IndexedTokenFile]
+    hf_config: Any
+    tokenizer: Any
+    tokenizer_fingerprint: str
+    vocab_size: int
+    """Rows the embedding must have: max(model vocabulary, tokenizer length)."""
+
+
+def sidecar_tokenizer_fingerprint(meta: dict[str, Any] | None) -> str | None:
+    if meta is None:
+        return None
+    tokenizer = meta.get("tokenizer")
+    return tokenizer.get("fingerprint") if isinstance(tokenizer, dict) else None
+
+
+def _open_token_files(field_name: str, prefixes: list[str], problems: list[str]) -> list[IndexedTokenFile]:
+    files = []
+    for prefix in prefixes:
+        try:
+            files.append(IndexedTokenFile(prefix))
+        except TokenFileError as error:
+            problems.append(f"{field_name}: {error}")
+    return files
+
+
+def preflight(config: RunConfig, *, world_size: int) -> Plan:
+    """Check the run config against the files it names; raise one ValueError with every problem."""
+    problems = config.config_problems()
+    model_cfg, data_cfg, train_cfg = config.model, config.data, config.train
+
+    ds, ds_problems = load_deepspeed_config(
+        train_cfg.deepspeed, world_size=world_size,
+        micro_batch_size=train_cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=train_cfg.gradient_accumulation_steps)
+    problems += ds_problems
+
+    for name in ("model_name_or_path", "config_name", "peft_path"):
+        value = getattr(model_cfg, name)
+        if value is not None and not Path(value).exists():
+            stage = f" (ZeRO-{ds.zero_stage})" if ds is not None else ""
+            problems.append(f"{name}: {value} does not exist{stage}; pass a local folder "
+                            "(nothing is downloaded at run time)")
+    if model_cfg.peft_path is not None and Path(model_cfg.peft_path).is_dir() \
+            and not (Path(model_cfg.peft_path) / "adapter_config.json").is_file():
+        problems.append(f"peft_path: {model_cfg.peft_path} holds no adapter_config.json; pass a peft adapter folder")
+    resume = train_cfg.resume_from_checkpoint
+    if resume not in ("auto", "none") and not Path(resume).exists():
+        problems.append(f"resume_from_checkpoint: {resume} does not exist; pass a step-NNNNNNNN folder, "
+                        "'auto' or 'none'")
+
+    tokenizer = None
+    fingerprint = ""
+    if model_cfg.tokenizer_path is not None and Path(model_cfg.tokenizer_path).exists():
+        try:
+            fingerprint = tokenizer_fingerprint(model_cfg.tokenizer_path)
+            tokenizer = load_tokenizer(model_cfg.tokenizer_path)
+        except ValueError as error:
+            problems.append(f"tokenizer_name_or_path: {error}")
+    elif model_cfg.tokenizer_path is not None:
+        problems.append(f"tokenizer_name_or_path: {model_cfg.tokenizer_path} does not exist; "
+                        "pass the tokenizer folder the token files were packed with")
+
+    train_files = _open_token_files("data_path", data_cfg.data_path, problems)
+    eval_files = _open_token_files("eval_data_path", data_cfg.eval_data_path, problems)
+    if fingerprint:
+        for file in train_files + eval_files:
+            packed_with = sidecar_tokenizer_fingerprint(file.meta)
+            if packed_with is None:
+                logger.warning("%s has no cpt-ds sidecar (a plain Megatron file): its tokenizer cannot be checked",
+                               file.bin_path)
+            elif packed_with != fingerprint:
+                problems.append(f"tokenizer fingerprint {fingerprint[:12]} of {model_cfg.tokenizer_path} != "
+                                f"{packed_with[:12]} recorded in {file.json_path}; pack the corpus with this "
+                                "tokenizer or point tokenizer_name_or_path at the one it was packed with")
+
+    hf_config = None
+    model_source_ok = all(getattr(model_cfg, name) is None or Path(getattr(model_cfg, name)).exists()
+                          for name in ("model_name_or_path", "config_name"))
+    if model_source_ok:
+        try:
+            hf_config = load_hf_config(model_cfg)
+        except (OSError, ValueError) as error:
+            problems.append(f"model config: {error}")
+    vocab_size = 0
+    if hf_config is not None:
+        max_positions = getattr(hf_config, "max_position_embeddings", None)
+        if max_positions is not None and data_cfg.block_size > max_positions:
+            problems.append(f"block_size {data_cfg.block_size} > the model's max_position_embeddings "
+                            f"{max_positions}; lower block_size")
+        vocab_size = max(hf_config.vocab_size, len(tokenizer) if tokenizer is not None else 0)
+        for file in train_files + eval_files:
+            largest = (file.meta or {}).get("max_token_id")
+            if largest is not None and largest >= vocab_size:
+                problems.append(f"{file.bin_path} holds token id {largest} but the model's vocabulary has "
+                                f"{vocab_size} rows; pack with the model's tokenizer")
+
+    if ds is not None:
+        problems += dtype_problems(model_cfg, ds)
+        problems += quantization_problems(model_cfg, ds)
+        if ds.has_optimizer:
+            params = ds.raw["optimizer"].get("params", {})
+            for ours, theirs in (("learning_rate", "lr"), ("weight_decay", "weight_decay")):
+                if theirs in params and params[theirs] != getattr(config.optim, ours):
+                    problems.append(f"{ours} {getattr(config.optim, ours)} != optimizer.params.{theirs} "
+                                    f"{params[theirs]} in {ds.path}; make them equal or drop it from the JSON")
+    problems += attention_problems(model_cfg)
+
+    has_eval_data = bool(data_cfg.eval_data_path) or data_cfg.validation_split_percentage > 0
+    if train_cfg.eval_steps is not None and not has_eval_data:
+        problems.append("eval_steps is set but there is no validation data: set eval_data_path or "
+                        "validation_split_percentage > 0")
+
+    if problems:
+        raise ConfigError("invalid run configuration:\n  - " + "\n  - ".join(problems))
+    assert ds is not None and hf_config is not None and tokenizer is not None
+    return Plan(config=config, ds=ds, train_files=train_files, eval_files=eval_files, hf_config=hf_config,
+                tokenizer=tokenizer, tokenizer_fingerprint=fingerprint, vocab_size=vocab_size)

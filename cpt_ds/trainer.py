@@ -1,0 +1,409 @@
+"""The training loop on a DeepSpeed engine: batch -> forward -> loss -> backward -> step.
+
+Gradient math: per micro-batch we backpropagate ``loss_sum * accumulation * world / global_tokens``.
+DeepSpeed divides by the accumulation steps and averages gradients over data-parallel ranks, so the
+applied gradient is exactly that of the token-weighted mean loss over the whole global batch
+(every label counts once, whichever rank or micro-batch it landed in).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cpt_ds import __version__
+from cpt_ds.checkpoint import Checkpointer, CheckpointError, read_marker
+from cpt_ds.config import RunConfig
+from cpt_ds.data.indexed import IndexedTokenFile
+from cpt_ds.data.samples import PackedSamples, TokenStream, split_documents
+from cpt_ds.data.sampler import IGNORE_INDEX, TrainLoader, eval_batches
+from cpt_ds.distributed import barrier, device, init_distributed, setup_logging
+from cpt_ds.metrics import (
+    LOSS_UNITS_PER_NAT,
+    MetricsLog,
+    TokenMetrics,
+    all_reduce_stats,
+    batch_stats,
+    evaluate,
+    peak_memory_gib,
+    token_losses,
+)
+from cpt_ds.model import (
+    BuiltModel,
+    build_model,
+    count_parameters,
+    flops_per_token,
+    mfu,
+    peak_tflops,
+    training_dtype,
+)
+from cpt_ds.optim import build_optimizer, lr_at, warmup_steps_for
+from cpt_ds.preflight import Plan, preflight
+
+logger = logging.getLogger(__name__)
+
+# Config keys that define the model's shape; any change makes a checkpoint unusable.
+SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+              "tie_word_embeddings")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf on some rank; raised before the optimizer step and before any save."""
+
+
+def _file_fingerprints(files: list[IndexedTokenFile]) -> dict[str, str]:
+    return {file.prefix: (file.meta or {}).get("bin_sha256") or f"{file.num_tokens} tokens, "
+            f"{file.num_documents} documents (no sidecar)" for file in files}
+
+
+class Trainer:
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.rank, self.world_size, self.local_rank = init_distributed(config.train.dist_timeout_minutes)
+        setup_logging(self.rank)
+        self.plan: Plan = preflight(config, world_size=self.world_size)
+        self.ds = self.plan.ds
+        self.device = device()
+        self.output_dir = Path(config.train.output_dir)
+        self.metrics = MetricsLog(self.output_dir, enabled=self.rank == 0)
+        self.checkpointer = Checkpointer(self.output_dir, rank=self.rank, world_size=self.world_size,
+                                         save_total_limit=config.train.save_total_limit,
+                                         fault_delay_seconds=config.train.save_fault_delay_seconds)
+
+        self._build_data()
+        self.total_steps = self._total_steps()
+        self.warmup_steps = warmup_steps_for(config.optim, self.total_steps)
+        self.fingerprints = self._fingerprints()
+
+        resume_path = self.checkpointer.resolve(config.train.resume_from_checkpoint)
+        marker = self.checkpointer.verify(resume_path) if resume_path is not None else None
+        load_path = resume_path
+        if marker is not None:
+            self._check_compatible(resume_path, marker)
+            if marker["world_size"] != self.world_size and self.ds.zero_stage > 0:
+                load_path = self._prepare_universal(resume_path, marker)
+
+        self.built: BuiltModel = build_model(config.model, self.ds, vocab_size=self.plan.vocab_size,
+                                             seed=config.train.seed)
+        self.num_parameters, self.num_trainable = count_parameters(self.built.module)
+        optimizer, parameters = build_optimizer(self.built.module, config.optim, self.ds)
+        import deepspeed
+
+        self.engine, self.optimizer, _, self.ds_scheduler = deepspeed.initialize(
+            model=self.built.module, optimizer=optimizer, model_parameters=parameters, config=self.ds.raw)
+        self.loader = TrainLoader(self.train_samples, micro_batch_size=self.ds.micro_batch_size,
+                                  gradient_accumulation_steps=self.ds.gradient_accumulation_steps,
+                                  dp_rank=self.rank, dp_world_size=self.world_size, seed=config.train.seed)
+        self.step = 0
+        self.resumed_from: Path | None = None
+        if resume_path is not None:
+            assert load_path is not None
+            self._load(resume_path, load_path)
+        self.flops_per_token = flops_per_token(self.built.hf_config, config.data.block_size, self.num_parameters)
+        self.peak_tflops = peak_tflops(config.train.peak_tflops)
+        self._log_setup()
+
+    # ---- setup -----------------------------------------------------------------------------------
+
+    def _build_data(self) -> None:
+        data = self.config.data
+        files = self.plan.train_files
+        if self.plan.eval_files:
+            train_stream = TokenStream.whole(files)
+            eval_stream: TokenStream | None = TokenStream.whole(self.plan.eval_files)
+        elif data.validation_split_percentage > 0:
+            train_segments, eval_segments = split_documents(files, data.validation_split_percentage,
+                                                            self.config.train.seed)
+            train_stream, eval_stream = TokenStream(files, train_segments), TokenStream(files, eval_segments)
+        else:
+            train_stream, eval_stream = TokenStream.whole(files), None
+        self.train_stream, self.eval_stream = train_stream, eval_stream
+        self.train_samples = PackedSamples(train_stream, data.block_size, data.max_train_samples)
+        if len(self.train_samples) == 0:
+            raise ValueError(f"data_path holds {train_stream.num_tokens} training tokens, fewer than one "
+                             f"block_size {data.block_size} sample; pack more text or lower block_size")
+        self.eval_samples = None
+        if eval_stream is not None:
+            self.eval_samples = PackedSamples(eval_stream, data.block_size, data.max_eval_samples)
+            if len(self.eval_samples) == 0:
+                source = "eval_data_path" if self.plan.eval_files else "the held-out documents"
+                raise ValueError(f"{source} hold {eval_stream.num_tokens} tokens, fewer than one block_size "
+                                 f"{data.block_size} sample; raise validation_split_percentage, lower "
+                                 "block_size or pass a larger eval_data_path")
+
+    def _total_steps(self) -> int:
+        if self.config.train.max_steps > 0:
+            return self.config.train.max_steps
+        return max(1, math.ceil(self.config.train.num_train_epochs * len(self.train_samples)
+                                / (self.ds.micro_batch_size * self.ds.gradient_accumulation_steps * self.world_size)))
+
+    def _fingerprints(self) -> dict[str, Any]:
+        model = self.config.model
+        shape = {key: getattr(self.plan.hf_config, key, None) for key in SHAPE_KEYS}
+        shape["vocab_size"] = self.plan.vocab_size
+        adapter = "full" if model.full_finetuning else {
+            "lora_rank": model.lora_rank, "lora_alpha": model.lora_alpha, "trainable": model.trainable_modules,
+            "modules_to_save": model.modules_to_save_list, "load_in_kbits": model.load_in_kbits}
+        return {
+            "train_data": self.train_stream.fingerprint(),
+            "eval_data": self.eval_stream.fingerprint() if self.eval_stream is not None else None,
+            "token_files": _file_fingerprints(self.plan.train_files + self.plan.eval_files),
+            "tokenizer": self.plan.tokenizer_fingerprint,
+            "model_shape": shape,
+            "adapter": adapter,
+            "zero_stage": self.ds.zero_stage,
+        }
+
+    def _check_compatible(self, path: Path, marker: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose data, tokenizer or model differ from this run's, naming what changed."""
+        old, new = marker["fingerprints"], self.fingerprints
+        changed = []
+        if old["token_files"] != new["token_files"]:
+            before, after = old["token_files"], new["token_files"]
+            names = sorted(set(before) | set(after))
+            diffs = [name for name in names if before.get(name) != after.get(name)]
+            changed.append("token files (" + ", ".join(
+                f"{name}: {'added' if name not in before else 'removed' if name not in after else 'content changed'}"
+                for name in diffs) + ")")
+        elif old["train_data"] != new["train_data"] or old["eval_data"] != new["eval_data"]:
+            changed.append("the train/validation split (validation_split_percentage, seed or eval_data_path)")
+        if old["tokenizer"] != new["tokenizer"]:
+            changed.append(f"tokenizer (fingerprint {old['tokenizer'][:12]} -> {new['tokenizer'][:12]})")
+        if old["model_shape"] != new["model_shape"]:
+            diffs = [f"{key} {old['model_shape'].get(key)} -> {value}" for key, value in new["model_shape"].items()
+                     if old["model_shape"].get(key) != value]
+            changed.append("model shape (" + ", ".join(diffs) + ")")
+        if old["adapter"] != new["adapter"]:
+            changed.append(f"training mode ({old['adapter']} -> {new['adapter']})")
+        if old["zero_stage"] != new["zero_stage"]:
+            changed.append(f"ZeRO stage ({old['zero_stage']} -> {new['zero_stage']}); resume with the "
+                           "DeepSpeed JSON it was saved with")
+        if changed:
+            raise CheckpointError(f"cannot resume from {path}: changed since it was saved: " + "; ".join(changed)
+                                  + ". Restore them, or start fresh in a new output_dir")
+
+    def _prepare_universal(self, path: Path, marker: dict[str, Any]) -> Path:
+        logger.warning("checkpoint %s was saved by %d ranks, this run has %d: loading it through DeepSpeed's "
+                       "universal checkpoint format (the data position continues at consumed_samples %d)",
+                       path, marker["world_size"], self.world_size, marker["consumed_samples"])
+        self.ds.raw.setdefault("checkpoint", {})["load_universal"] = True
+        return self.checkpointer.universal_checkpoint(path)
+
+    def _load(self, resume_path: Path, load_path: Path) -> None:
+        strict = not self.built.is_peft
+        loaded, client_state = self.engine.load_checkpoint(
+            str(load_path.parent), tag=load_path.name, load_module_strict=strict,
+            load_optimizer_states=True, load_lr_scheduler_states=True)
+        if loaded is None:
+            raise CheckpointError(f"DeepSpeed could not load {load_path}; it reported no checkpoint there")
+        if client_state is None or "cpt_ds" not in client_state:
+            raise CheckpointError(f"{load_path} holds no cpt-ds client state; it was not written by train.py")
+        state = client_state["cpt_ds"]
+        if self.built.is_peft:
+            self._verify_trainable_loaded(load_path)
+        self.step = int(state["step"])
+        self.loader.load_state_dict(state["data"])
+        self.checkpointer.load_rng(resume_path, fallback_seed=self.config.train.seed + 1000003 * self.rank + self.step)
+        self.resumed_from = resume_path
+        self._warn_config_changes(state["config"])
+        self.metrics.truncate_after(self.step)
+        logger.info("resumed at step %d, consumed_samples %d (epoch %.3f) from %s", self.step,
+                    self.loader.consumed_samples, self.loader.epoch, resume_path)
+
+    def _verify_trainable_loaded(self, load_path: Path) -> None:
+        """Non-strict loads (needed for LoRA: frozen weights are not saved) could hide a mismatch: check
+        that every trainable tensor of this model is in the checkpoint and equals what was loaded."""
+        saved = _saved_module_state(load_path)
+        if saved is None:
+            return  # ZeRO-3: trainable tensors live in the optimizer partitions, loaded strictly by DeepSpeed
+        expected = {name for name, parameter in self.engine.module.named_parameters() if parameter.requires_grad}
+        missing = sorted(expected - set(saved))
+        if missing:
+            raise CheckpointError(f"{load_path} lacks trainable weights {missing[:5]}{'...' if len(missing) > 5 else ''}; "
+                                  "it was saved with another LoRA configuration")
+
+    def _warn_config_changes(self, old_flat: dict[str, Any]) -> None:
+        new_flat = self.config.to_flat()
+        ignored = {"resume_from_checkpoint", "stop_at_step", "save_fault_delay_seconds"}
+        changes = [f"{key}: {old_flat.get(key)!r} -> {value!r}" for key, value in sorted(new_flat.items())
+                   if key not in ignored and old_flat.get(key) != value]
+        if changes and self.rank == 0:
+            logger.warning("run config changed since the checkpoint (applied from now on): %s", "; ".join(changes))
+
+    def _log_setup(self) -> None:
+        ds = self.ds
+        logger.info(
+            "cpt-ds %s | world %d | ZeRO-%d %s | micro %d x accumulation %d x ranks %d = %d samples/step "
+            "(%d tokens) | %d steps, warmup %d | params %.2fM, trainable %.2fM | %d train samples, %s eval samples",
+            __version__, self.world_size, ds.zero_stage, ds.precision, ds.micro_batch_size,
+            ds.gradient_accumulation_steps, self.world_size, self.loader.global_batch_size,
+            self.loader.global_batch_size * self.config.data.block_size, self.total_steps, self.warmup_steps,
+            self.num_parameters / 1e6, self.num_trainable / 1e6, len(self.train_samples),
+            len(self.eval_samples) if self.eval_samples is not None else "no")
+
+    # ---- the loop --------------------------------------------------------------------------------
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, self.config.optim, total_steps=self.total_steps, warmup_steps=self.warmup_steps)
+
+    def train(self) -> TokenMetrics | None:
+        train_cfg = self.config.train
+        if self.step == 0 and self.eval_samples is not None:
+            self.evaluate_and_log()
+        interval = torch.zeros(3, dtype=torch.int64)
+        interval_start, interval_steps = time.perf_counter(), 0
+        stop = min(self.total_steps, train_cfg.stop_at_step or self.total_steps)
+        while self.step < stop:
+            lr = self.lr(self.step)
+            stats, grad_norm = self.train_step(self.loader.next_step(), lr)
+            self.step += 1
+            interval += stats
+            interval_steps += 1
+            if self.step % train_cfg.logging_steps == 0 or self.step == self.total_steps or self.step == 1:
+                self._log_train(TokenMetrics.from_tensor(interval), lr, grad_norm,
+                                time.perf_counter() - interval_start, interval_steps)
+                interval.zero_()
+                interval_start, interval_steps = time.perf_counter(), 0
+            last = self.step == self.total_steps
+            if self.eval_samples is not None and not last and train_cfg.eval_steps \
+                    and self.step % train_cfg.eval_steps == 0:
+                self.evaluate_and_log()
+            if not last and (self.step == stop or (train_cfg.save_steps and self.step % train_cfg.save_steps == 0)):
+                self.save()
+        if self.step < self.total_steps:
+            logger.info("stopped at step %d of %d (stop_at_step); relaunch the same command to continue",
+                        self.step, self.total_steps)
+            return None
+        final = self.evaluate_and_log() if self.eval_samples is not None else None
+        self.save()
+        if train_cfg.export_final:
+            self.export_final()
+        return final
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], lr: float) -> tuple[torch.Tensor, float | None]:
+        """One optimizer step over this rank's micro-batches; returns the global [loss, correct, tokens] sums."""
+        if not self.ds.has_scheduler:
+            for group in self.engine.optimizer.param_groups:
+                group["lr"] = lr
+        local_tokens = sum(int((batch["labels"] != IGNORE_INDEX).sum()) for batch in micro_batches)
+        global_tokens = int(all_reduce_stats(torch.tensor([local_tokens], dtype=torch.int64)).item())
+        scale = self.ds.gradient_accumulation_steps * self.world_size / global_tokens
+        stats = torch.zeros(4, dtype=torch.int64)  # loss_sum, correct, tokens, non-finite micro-batches
+        self.engine.train()
+        for index, batch in enumerate(micro_batches):
+            labels = batch["labels"].to(self.device)
+            logits = self.engine(input_ids=batch["input_ids"].to(self.device)).logits
+            losses = token_losses(logits, labels)
+            loss_sum = losses.sum()
+            finite = bool(torch.isfinite(loss_sum))
+            stats[:3] += batch_stats(logits, labels, losses) if finite else 0
+            stats[3] += 0 if finite else 1
+            del logits
+            self.engine.backward(loss_sum * scale)
+            if index < len(micro_batches) - 1:
+                self.engine.step()  # DeepSpeed counts micro-steps; no optimizer step before the boundary
+        total = all_reduce_stats(stats)
+        if int(total[3]) > 0:
+            raise NonFiniteLossError(
+                f"non-finite loss at step {self.step + 1} in {int(total[3])} micro-batch(es) across ranks; "
+                "stopped before the optimizer step and before any save. Lower learning_rate, check the data, "
+                f"or resume from the last checkpoint in {self.output_dir}")
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return total[:3], (float(norm) if norm is not None else None)
+
+    def evaluate_and_log(self) -> TokenMetrics:
+        assert self.eval_samples is not None
+        started = time.perf_counter()
+        result = evaluate(self.engine, eval_batches(
+            self.eval_samples, micro_batch_size=self.config.train.per_device_eval_batch_size or self.ds.micro_batch_size,
+            dp_rank=self.rank, dp_world_size=self.world_size))
+        record = {"step": self.step, "eval_loss": result.loss, "eval_accuracy": result.accuracy,
+                  "perplexity": result.perplexity, "eval_tokens": result.tokens}
+        logger.info("eval step %d | loss %.4f | accuracy %.4f | perplexity %.2f | %d tokens | %.1f s", self.step,
+                    result.loss, result.accuracy, result.perplexity, result.tokens, time.perf_counter() - started)
+        self.metrics.write(record)
+        self._monitor([("Eval/loss", result.loss), ("Eval/accuracy", result.accuracy),
+                       ("Eval/perplexity", result.perplexity)])
+        return result
+
+    def _log_train(self, interval: TokenMetrics, lr: float, grad_norm: float | None, seconds: float,
+                   steps: int) -> None:
+        tokens_per_second = steps * self.loader.global_batch_size * self.config.data.block_size / max(seconds, 1e-9)
+        utilization = mfu(tokens_per_second / self.world_size, self.flops_per_token, self.peak_tflops)
+        memory = peak_memory_gib()
+        record = {"step": self.step, "loss": interval.loss, "lr": lr, "grad_norm": grad_norm,
+                  "tokens_per_second": tokens_per_second, "mfu": None if math.isnan(utilization) else utilization,
+                  "memory_gib": memory, "consumed_samples": self.loader.consumed_samples, "epoch": self.loader.epoch}
+        logger.info("step %d/%d | loss %.4f | lr %.3e | grad_norm %s | tokens/s %s | mfu %s | mem %.2f GiB | epoch %.3f",
+                    self.step, self.total_steps, interval.loss, lr,
+                    f"{grad_norm:.4f}" if grad_norm is not None else "-", f"{tokens_per_second:,.0f}",
+                    "-" if math.isnan(utilization) else f"{100 * utilization:.1f}%", memory, self.loader.epoch)
+        self.metrics.write(record)
+        self._monitor([("Train/loss", interval.loss), ("Train/lr", lr), ("Train/tokens_per_second", tokens_per_second)])
+
+    def _monitor(self, events: list[tuple[str, float]]) -> None:
+        monitor = getattr(self.engine, "monitor", None)
+        if monitor is not None and monitor.enabled and self.rank == 0:
+            monitor.write_events([(tag, value, self.step) for tag, value in events])
+
+    # ---- checkpoints and export ------------------------------------------------------------------
+
+    def client_state(self) -> dict[str, Any]:
+        return {"cpt_ds": {"format_version": 1, "version": __version__, "step": self.step,
+                           "data": self.loader.state_dict(), "fingerprints": self.fingerprints,
+                           "world_size": self.world_size, "config": self.config.to_flat()}}
+
+    def save(self) -> Path:
+        return self.checkpointer.save(self.engine, self.step, self.client_state(), exclude_frozen=self.built.is_peft,
+                                      write_extra=self._write_model_files)
+
+    def _write_model_files(self, path: Path) -> None:
+        """What export needs besides weights: model config, adapter config, tokenizer, run config."""
+        (path / "model").mkdir(parents=True)
+        self.built.hf_config.save_pretrained(path / "model")
+        if self.built.is_peft:
+            self.engine.module.peft_config["default"].save_pretrained(path / "model")
+        tokenizer_dir = path / "tokenizer"
+        tokenizer_dir.mkdir()
+        from cpt_ds.data.tokenizer import tokenizer_files
+
+        for file in tokenizer_files(self.config.model.tokenizer_path):
+            shutil.copy2(file, tokenizer_dir / file.name)
+        (path / "run_config.json").write_text(json.dumps(self.config.to_flat(), indent=2, sort_keys=True) + "\n")
+        meta = {"step": self.step, "zero_stage": self.ds.zero_stage, "precision": self.ds.precision,
+                "dtype": str(training_dtype(self.config.model, self.ds)).removeprefix("torch."),
+                "is_peft": self.built.is_peft, "base_model": self.config.model.model_name_or_path,
+                "world_size": self.world_size, "cpt_ds_version": __version__}
+        (path / "cpt_ds_meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+    def export_final(self) -> None:
+        """Rank 0 converts the final checkpoint to a Hugging Face folder in output_dir/final."""
+        from cpt_ds.export import export_checkpoint
+
+        barrier()
+        if self.rank == 0:
+            final = self.output_dir / "final"
+            export_checkpoint(self.output_dir / f"step-{self.step:08d}", final, overwrite=True)
+            logger.info("exported the trained model to %s", final)
+        barrier()
+
+    def close(self) -> None:
+        barrier()
+        self.engine.destroy()
+
+
+def _saved_module_state(path: Path) -> dict[str, Any] | None:
+    file = path / "mp_rank_00_model_states.pt"
+    if not file.is_file():
+        return None
+    state = torch.load(file, map_location="cpu", weights_only=False)
+    return state.get("module")
