@@ -1,0 +1,233 @@
+"""Shared fixtures: a tiny tokenizer, packed token files, a tiny LLaMA-3-shaped base model, and a
+launcher that runs train.py (and test drivers) on 2 gloo ranks through the deepspeed launcher.
+
+Every launch gets its own free port, and DeepSpeed's /dev/shm buffers for that port are deleted
+afterwards (132 MiB per port otherwise stay in RAM, ../shared/docs/CPU_DEEPSPEED.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "train.py"
+DRIVERS = Path(__file__).parent / "drivers"
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+# A toy LLaMA-3 shape (GQA 2:1, SwiGLU, RoPE theta 500k); dropout is switched on per test.
+TINY_MODEL = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 160,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+    "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False, "vocab_size": 512,
+}
+
+
+def ds_json(stage: int, *, micro: int = 4, accumulation: int = 1, **extra: Any) -> dict[str, Any]:
+    """fp32 DeepSpeed configs for CPU tests (bitwise resume needs fp32 and torch's AdamW)."""
+    return {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accumulation,
+            "gradient_clipping": 1.0, "zero_optimization": {"stage": stage}, **extra}
+
+
+@dataclass
+class Assets:
+    root: Path
+    tokenizer: Path
+    corpus: Path
+    """Token-file prefix of the main training corpus (Python's reference manual)."""
+    corpus_b: Path
+    """A second, different token file (for blended data_path and 'changed data' tests)."""
+    model_config: Path
+    """Folder with the tiny model's config.json (from-scratch runs)."""
+    base_model: Path
+    """A saved random-init tiny model + tokenizer (LoRA / QLoRA / export runs)."""
+    ds: dict[str, Path]
+
+
+def _corpus_texts() -> list[str]:
+    from cpt_ds.quickstart import python_corpus_documents
+
+    return [text for documents in python_corpus_documents().values() for text in documents]
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cpt_ds.data.packing import PackOptions, pack_corpus
+    from cpt_ds.data.tiny_tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("assets")
+    texts = _corpus_texts()
+    tokenizer = train_tokenizer(texts, root / "tokenizer", vocab_size=TINY_MODEL["vocab_size"])
+    half = len(texts) // 2
+    for name, part in (("corpus", texts[:half]), ("corpus_b", texts[half:])):
+        source = root / "text" / f"{name}.jsonl"
+        source.parent.mkdir(exist_ok=True)
+        source.write_text("".join(json.dumps({"text": t}) + "\n" for t in part), encoding="utf-8")
+        pack_corpus([source], tokenizer, root / "data" / name, PackOptions(), workers=1)
+    model_config = root / "model_config"
+    model_config.mkdir()
+    (model_config / "config.json").write_text(json.dumps(TINY_MODEL, indent=2))
+    torch.manual_seed(0)
+    base = root / "base_model"
+    LlamaForCausalLM(LlamaConfig(**{k: v for k, v in TINY_MODEL.items() if k != "architectures"})).save_pretrained(base)
+    for file in tokenizer.iterdir():
+        shutil.copy2(file, base / file.name)
+    ds = {}
+    for name, config in {"zero2": ds_json(2), "zero3": ds_json(3), "zero2_ga2": ds_json(2, micro=2, accumulation=2),
+                         "zero3_ga2": ds_json(3, micro=2, accumulation=2)}.items():
+        ds[name] = root / f"ds_{name}.json"
+        ds[name].write_text(json.dumps(config, indent=2))
+    return Assets(root=root, tokenizer=tokenizer, corpus=root / "data" / "corpus", corpus_b=root / "data" / "corpus_b",
+                  model_config=model_config, base_model=base, ds=ds)
+
+
+def run_config(assets: Assets, output_dir: Path, **overrides: Any) -> dict[str, Any]:
+    """A small from-scratch full-finetuning run on the tiny model; override any field."""
+    config = {
+        "config_name": str(assets.model_config), "tokenizer_name_or_path": str(assets.tokenizer),
+        "full_finetuning": True, "data_path": [str(assets.corpus)], "block_size": 32,
+        "validation_split_percentage": 0.05, "max_eval_samples": 16, "deepspeed": str(assets.ds["zero2"]),
+        "output_dir": str(output_dir), "max_steps": 6, "learning_rate": 3e-3, "warmup_steps": 1,
+        "logging_steps": 1, "seed": 7, "export_final": False,
+    }
+    config.update(overrides)
+    return config
+
+
+def lora_config(assets: Assets, output_dir: Path, **overrides: Any) -> dict[str, Any]:
+    config = run_config(assets, output_dir, full_finetuning=False, model_name_or_path=str(assets.base_model),
+                        lora_rank=4, lora_alpha=8, lora_dropout=0.1, modules_to_save="embed_tokens,lm_head",
+                        learning_rate=1e-2)
+    del config["config_name"]
+    config.update(overrides)
+    return config
+
+
+def write_config(config: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config, indent=2))
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Launching
+# --------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def remove_shm_buffers(port: int) -> None:
+    for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        leftover.unlink(missing_ok=True)
+
+
+@dataclass
+class Launch:
+    returncode: int
+    output: str
+    port: int
+
+    def check(self) -> Launch:
+        assert self.returncode == 0, f"launch failed with {self.returncode}:\n{self.output[-6000:]}"
+        return self
+
+
+def launcher_command(script: Path, args: list[str], *, ranks: int, port: int, workdir: Path,
+                     node_rank: int = 0, nodes: int = 1) -> list[str]:
+    hostfile = workdir / f"hostfile_{nodes}x{ranks}"
+    hostfile.write_text("".join(f"node{i} slots={ranks}\n" for i in range(nodes)) if nodes > 1
+                        else f"localhost slots={ranks}\n")
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
+            "--node_rank", str(node_rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
+            str(script), *args]
+
+
+def launch_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["DS_ACCELERATOR"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def launch(args: list[str], *, workdir: Path, ranks: int = 2, script: Path = TRAIN, timeout: float = 600) -> Launch:
+    """Run ``script args`` on ``ranks`` gloo ranks through the deepspeed launcher; never raises on failure."""
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    command = launcher_command(script, args, ranks=ranks, port=port, workdir=workdir)
+    try:
+        done = subprocess.run(command, cwd=REPO, env=launch_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    finally:
+        remove_shm_buffers(port)
+    return Launch(returncode=done.returncode, output=done.stdout, port=port)
+
+
+def train(config: dict[str, Any], *, workdir: Path, ranks: int = 2, extra: list[str] | None = None) -> Launch:
+    path = write_config(config, workdir / f"run_{len(list(workdir.glob('run_*.json')))}.json")
+    return launch(["--config", str(path), *(extra or [])], workdir=workdir, ranks=ranks)
+
+
+class Background:
+    """A launch running in its own session, so kill -9 reaches the launcher and every rank at once."""
+
+    def __init__(self, args: list[str], *, workdir: Path, ranks: int = 2, script: Path = TRAIN):
+        self.port = free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.log = workdir / f"background_{self.port}.log"
+        command = launcher_command(script, args, ranks=ranks, port=self.port, workdir=workdir)
+        self._log_handle = open(self.log, "w")
+        self.process = subprocess.Popen(command, cwd=REPO, env=launch_env(), stdout=self._log_handle,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_for(self, condition, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.process.poll() is not None:
+                raise AssertionError(f"launch ended ({self.process.returncode}) before the condition:\n"
+                                     + self.log.read_text()[-4000:])
+            if time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError("timed out waiting:\n" + self.log.read_text()[-4000:])
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        """kill -9 of the whole job: the launcher and every rank."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+        self._log_handle.close()
+        remove_shm_buffers(self.port)
+
+
+def metrics(output_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def train_losses(output_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in metrics(output_dir) if "loss" in r]
+
+
+def eval_records(output_dir: Path) -> list[dict[str, Any]]:
+    return [r for r in metrics(output_dir) if "eval_loss" in r]
