@@ -219,10 +219,10 @@ class Checkpointer:
         _barrier()  # every rank's DeepSpeed files exist before any rank lists the folder
         own = {}
         for file in sorted(path.rglob("*")):
-            name = file.relative_to(path).as_posix()
-            if file.is_file() and _owned_by(name, self.rank):
+            relative = file.relative_to(path).as_posix()
+            if file.is_file() and _owned_by(relative, self.rank):
                 _fsync(file)
-                own[name] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+                own[relative] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
         files: dict[str, Any] = {}
         for part in _gather(own):
             files.update(part)

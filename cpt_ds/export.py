@@ -155,3 +155,32 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
     os.replace(temporary, output)
     logger.info("exported %s (%s, %s) to %s", checkpoint, kind, torch_dtype, output)
     return output
+
+
+def load_exported_model(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> Any:
+    """Load what ``export_checkpoint`` wrote: a full model folder, or a peft adapter on its base model.
+
+    For an adapter the base is grown to the tokenizer's size exactly as training did (new rows = mean),
+    so the adapter's modules_to_save and the frozen rows line up.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from cpt_ds.data.tokenizer import load_tokenizer
+    from cpt_ds.model import resize_embeddings
+
+    folder = Path(folder)
+    if not (folder / "adapter_config.json").is_file():
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    from peft import PeftModel
+
+    base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+    info = folder / EXPORT_INFO
+    if info.is_file():
+        base = json.loads(info.read_text()).get("base_model") or base
+    if not base or not Path(base).is_dir():
+        raise CheckpointError(f"{folder} is a LoRA adapter whose base model {base!r} is not a local folder; "
+                              "set base_model_name_or_path in its adapter_config.json")
+    with _local_construction():
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+        resize_embeddings(model, len(load_tokenizer(folder)))
+        return PeftModel.from_pretrained(model, folder)
