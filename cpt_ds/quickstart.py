@@ -82,8 +82,9 @@ def write_model_config(path: Path, vocab_size: int) -> Path:
 def launcher_command(*, hostfile: Path, master_port: int, num_ranks: int) -> list[str]:
     """The documented one-machine launch: a hostfile, no ssh (the launcher would ssh to localhost)."""
     hostfile.write_text(f"localhost slots={num_ranks}\n")
-    return ["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", "0",
-            "--master_addr", "127.0.0.1", "--master_port", str(master_port)]
+    # `python -m deepspeed.launcher.runner` is the `deepspeed` command, without relying on PATH.
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
+            "--node_rank", "0", "--master_addr", "127.0.0.1", "--master_port", str(master_port)]
 
 
 def remove_shm_buffers(master_port: int) -> None:

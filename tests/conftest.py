@@ -190,11 +190,13 @@ def train(config: dict[str, Any], *, workdir: Path, ranks: int = 2, extra: list[
 class Background:
     """A launch running in its own session, so kill -9 reaches the launcher and every rank at once."""
 
-    def __init__(self, args: list[str], *, workdir: Path, ranks: int = 2, script: Path = TRAIN):
-        self.port = free_port()
+    def __init__(self, args: list[str], *, workdir: Path, ranks: int = 2, script: Path = TRAIN,
+                 port: int | None = None, nodes: int = 1, node_rank: int = 0):
+        self.port = port or free_port()
         workdir.mkdir(parents=True, exist_ok=True)
-        self.log = workdir / f"background_{self.port}.log"
-        command = launcher_command(script, args, ranks=ranks, port=self.port, workdir=workdir)
+        self.log = workdir / f"background_{self.port}_{node_rank}.log"
+        command = launcher_command(script, args, ranks=ranks, port=self.port, workdir=workdir, nodes=nodes,
+                                   node_rank=node_rank)
         self._log_handle = open(self.log, "w")
         self.process = subprocess.Popen(command, cwd=REPO, env=launch_env(), stdout=self._log_handle,
                                         stderr=subprocess.STDOUT, start_new_session=True)
@@ -209,6 +211,15 @@ class Background:
                 self.kill()
                 raise AssertionError("timed out waiting:\n" + self.log.read_text()[-4000:])
             time.sleep(0.05)
+
+    def wait(self, timeout: float = 600) -> int:
+        """Wait for a normal end; returns the exit code."""
+        try:
+            code = self.process.wait(timeout=timeout)
+        finally:
+            self._log_handle.close()
+            remove_shm_buffers(self.port)
+        return code
 
     def kill(self) -> None:
         """kill -9 of the whole job: the launcher and every rank."""
