@@ -41,14 +41,19 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return flat.view(labels.shape)
 
 
-def batch_stats(logits: torch.Tensor, labels: torch.Tensor, losses: torch.Tensor | None = None) -> torch.Tensor:
-    """``int64[3] = [loss_sum (fixed point), correct, tokens]`` of one batch; no gradient."""
+def batch_stats(logits: torch.Tensor, labels: torch.Tensor, losses: torch.Tensor | None = None, *,
+                with_accuracy: bool = True) -> torch.Tensor:
+    """``int64[3] = [loss_sum (fixed point), correct, tokens]`` of one batch; no gradient.
+
+    Training passes ``with_accuracy=False``: the argmax is a full extra pass over the logits
+    (vocabulary-sized per position) that the training status line does not need; ``correct`` is then 0.
+    """
     with torch.no_grad():
         if losses is None:
             losses = token_losses(logits, labels)
         mask = labels != IGNORE_INDEX
         fixed = torch.round(losses.detach().double() * LOSS_UNITS_PER_NAT).long()
-        correct = ((logits.detach().argmax(dim=-1) == labels) & mask).sum()
+        correct = ((logits.detach().argmax(dim=-1) == labels) & mask).sum() if with_accuracy else mask.new_zeros(())
         return torch.stack([fixed[mask].sum(), correct, mask.sum()]).to(torch.int64).cpu()
 
 

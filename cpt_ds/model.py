@@ -226,28 +226,58 @@ def _wrap_lora(module: nn.Module, model_config: ModelConfig) -> nn.Module:
     return get_peft_model(module, lora_config(model_config))
 
 
+def _full_numel(parameter: nn.Parameter) -> int:
+    """Elements of a parameter at full size: ZeRO-3 partitions report ``ds_numel``, 4-bit packs two per byte."""
+    numel = int(getattr(parameter, "ds_numel", parameter.numel()))
+    if type(parameter).__name__ == "Params4bit":
+        numel *= 2
+    return numel
+
+
 def count_parameters(module: nn.Module) -> tuple[int, int]:
     """(total, trainable) parameter counts, full sizes even under ZeRO-3 partitioning."""
     total = trainable = 0
     for parameter in module.parameters():
-        numel = int(getattr(parameter, "ds_numel", parameter.numel()))
-        if hasattr(parameter, "quant_state") or type(parameter).__name__ == "Params4bit":
-            numel *= 2  # two 4-bit values per stored byte
+        numel = _full_numel(parameter)
         total += numel
         if parameter.requires_grad:
             trainable += numel
     return total, trainable
 
 
-def flops_per_token(hf_config: Any, sequence_length: int, num_parameters: int) -> float:
-    """Training FLOPs per token: 6N for the matmuls plus 12 * layers * heads * head_dim * seq for attention.
+def matmul_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, frozen) parameters that multiply activations in the forward pass.
 
-    N excludes the input embedding (a lookup, no matmul), as torchtitan and PaLM count it.
+    Left out: the input embedding (a lookup, unless tied to the head, whose matmul it then is) and
+    peft's idle ``original_module`` copies of ``modules_to_save``.
     """
-    embedding = hf_config.vocab_size * hf_config.hidden_size
+    embedding = module.get_input_embeddings()
+    head = module.get_output_embeddings()
+    tied = head is not None and getattr(head, "weight", None) is getattr(embedding, "weight", object())
+    lookup = set() if tied else {id(parameter) for parameter in embedding.parameters()}
+    trainable = frozen = 0
+    for name, parameter in module.named_parameters():
+        if id(parameter) in lookup or ".original_module." in name:
+            continue
+        if parameter.requires_grad:
+            trainable += _full_numel(parameter)
+        else:
+            frozen += _full_numel(parameter)
+    return trainable, frozen
+
+
+def flops_per_token(hf_config: Any, sequence_length: int, *, matmul_trainable: int, matmul_frozen: int = 0) -> float:
+    """Training FLOPs per token: 6 per trainable and 4 per frozen matmul parameter, plus attention.
+
+    Forward costs 2 FLOPs per parameter, backward 2 for the input gradient and 2 more for the weight
+    gradient, which frozen (LoRA base) weights skip. Attention adds 12 * layers * heads * head_dim *
+    seq (the PaLM / torchtitan count). For full finetuning this is the usual 6N + 12*l*h*d*s with N
+    the matmul parameters.
+    """
     heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
-    return 6 * (num_parameters - embedding) + 12 * hf_config.num_hidden_layers * heads * head_dim * sequence_length
+    attention = 12 * hf_config.num_hidden_layers * heads * head_dim * sequence_length
+    return 6 * matmul_trainable + 4 * matmul_frozen + attention
 
 
 # Dense bf16 peak TFLOP/s per device (vendor datasheets, without sparsity).

@@ -40,6 +40,7 @@ from cpt_ds.model import (
     build_model,
     count_parameters,
     flops_per_token,
+    matmul_parameters,
     mfu,
     peak_tflops,
     training_dtype,
@@ -107,7 +108,9 @@ class Trainer:
         if resume_path is not None:
             assert load_path is not None
             self._load(resume_path, load_path)
-        self.flops_per_token = flops_per_token(self.built.hf_config, config.data.block_size, self.num_parameters)
+        matmul_trainable, matmul_frozen = matmul_parameters(self.built.module)
+        self.flops_per_token = flops_per_token(self.built.hf_config, config.data.block_size,
+                                               matmul_trainable=matmul_trainable, matmul_frozen=matmul_frozen)
         self.peak_tflops = peak_tflops(config.train.peak_tflops)
         self._log_setup()
 
@@ -304,7 +307,7 @@ class Trainer:
             losses = token_losses(logits, labels)
             loss_sum = losses.sum()
             finite = bool(torch.isfinite(loss_sum))
-            stats[:3] += batch_stats(logits, labels, losses) if finite else 0
+            stats[:3] += batch_stats(logits, labels, losses, with_accuracy=False) if finite else 0
             stats[3] += 0 if finite else 1
             del logits
             self.engine.backward(loss_sum * scale)
