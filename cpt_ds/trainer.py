@@ -259,6 +259,13 @@ class Trainer:
 
     def train(self) -> TokenMetrics | None:
         train_cfg = self.config.train
+        if self.step >= self.total_steps:
+            # Relaunching a finished run must not append a second final eval or retrain anything.
+            logger.info("training is already complete at step %d of %d in %s; nothing to do", self.step,
+                        self.total_steps, self.output_dir)
+            if train_cfg.export_final and not (self.output_dir / "final").exists():
+                self.export_final()
+            return None
         if self.step == 0 and self.eval_samples is not None:
             self.evaluate_and_log()
         interval = torch.zeros(3, dtype=torch.int64)

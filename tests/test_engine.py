@@ -80,3 +80,77 @@ def test_qlora_with_quantized_weights_is_really_quantized(assets, tmp_path):
     assert kinds == {"Linear4bit"}
     assert not isinstance(model.lm_head, bnb.nn.Linear4bit)
     assert model.model.embed_tokens.weight.dtype == torch.float32
+
+
+def test_deepspeed_json_with_its_own_optimizer_scheduler_and_csv_monitor(assets, tmp_path):
+    """Any valid DeepSpeed JSON: DeepSpeed builds the optimizer and drives the LR; metrics reach its monitor."""
+    from conftest import ds_json, train
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps(ds_json(
+        2, optimizer={"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.01, "torch_adam": True}},
+        scheduler={"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 3e-3,
+                                                  "warmup_num_steps": 4, "warmup_type": "linear"}},
+        csv_monitor={"enabled": True, "output_path": str(tmp_path / "monitor"), "job_name": "run"})))
+    out = tmp_path / "out"
+    train(run_config(assets, out, deepspeed=str(ds), max_steps=10), workdir=tmp_path).check()
+    assert_learned(out)
+    csv = (tmp_path / "monitor" / "run" / "Train_loss.csv").read_text().splitlines()
+    assert len(csv) == 1 + 10 and csv[-1].startswith("10,")
+
+
+def test_gradient_checkpointing_gives_the_same_losses(assets, tmp_path):
+    from conftest import train
+
+    curves = []
+    for checkpointing in (False, True):
+        out = tmp_path / f"gc_{checkpointing}"
+        train(run_config(assets, out, max_steps=4, gradient_checkpointing=checkpointing), workdir=tmp_path).check()
+        curves.append([(r["step"], r.get("loss", r.get("eval_loss"))) for r in metrics(out)])
+    assert curves[0] == curves[1]
+
+
+def test_embeddings_grow_to_a_larger_tokenizer_under_zero3(assets, tmp_path):
+    """Base model 512 rows, tokenizer 600 ids: rows are added (new rows = the mean) and trained."""
+    import shutil
+
+    from conftest import train
+    from cpt_ds.data.packing import PackOptions, pack_corpus
+    from cpt_ds.data.tiny_tokenizer import train_tokenizer
+    from cpt_ds.export import load_exported_model
+
+    texts = [json.loads(line)["text"] for line in (assets.root / "text" / "corpus.jsonl").read_text().splitlines()]
+    tokenizer = train_tokenizer(texts, tmp_path / "tokenizer600", vocab_size=600)
+    pack_corpus([assets.root / "text" / "corpus.jsonl"], tokenizer, tmp_path / "data600", PackOptions(), workers=1)
+    base = tmp_path / "base"
+    shutil.copytree(assets.base_model, base)
+    for file in tokenizer.iterdir():
+        shutil.copy2(file, base / file.name)
+    out = tmp_path / "out"
+    config = run_config(assets, out, model_name_or_path=str(base), tokenizer_name_or_path=str(tokenizer),
+                        data_path=[str(tmp_path / "data600")], deepspeed=str(assets.ds["zero3"]), max_steps=6,
+                        export_final=True)
+    del config["config_name"]
+    result = train(config, workdir=tmp_path).check()
+    assert "resized token embeddings from 512 to 600 rows" in result.output
+    assert_learned(out, margin=0.1)
+    model = load_exported_model(out / "final")
+    assert model.get_input_embeddings().weight.shape[0] == 600 == model.config.vocab_size
+
+
+def test_resize_sets_new_rows_to_the_mean_of_the_old():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cpt_ds.model import resize_embeddings
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    old_input = model.get_input_embeddings().weight.detach().clone()
+    old_head = model.get_output_embeddings().weight.detach().clone()
+    assert resize_embeddings(model, 64) == 50
+    assert resize_embeddings(model, 64) is None  # already large enough
+    for new, old in ((model.get_input_embeddings().weight, old_input), (model.get_output_embeddings().weight, old_head)):
+        assert new.shape == (64, 16)
+        assert torch.equal(new[:50], old)
+        assert torch.equal(new[50:], old.mean(dim=0).expand(14, 16))

@@ -56,6 +56,7 @@ MODES = {
     "zero3-full": lambda assets, out: run_config(assets, out, config_overrides="attention_dropout=0.1",
                                                  deepspeed=str(assets.ds["zero3"])),
     "zero2-lora": lambda assets, out: lora_config(assets, out),  # lora_dropout 0.1
+    "zero2-qlora4": lambda assets, out: lora_config(assets, out, load_in_kbits=4, modules_to_save=None),
 }
 
 
@@ -281,3 +282,12 @@ def test_logged_losses_are_global_token_weighted_means(assets, tmp_path):
     single = evaluate(model, eval_batches(eval_samples, micro_batch_size=4, dp_rank=0, dp_world_size=1))
     assert (single.loss, single.accuracy, single.tokens) == (
         logged_eval["eval_loss"], logged_eval["eval_accuracy"], logged_eval["eval_tokens"])
+
+
+def test_relaunching_a_finished_run_changes_nothing(assets, tmp_path, reference_runs):
+    out = tmp_path / "out"
+    shutil.copytree(reference_runs["zero2-full"], out)
+    before = (out / "metrics.jsonl").read_text()
+    result = train(mode_config(assets, "zero2-full", out), workdir=tmp_path).check()
+    assert "training is already complete at step 8 of 8" in result.output
+    assert (out / "metrics.jsonl").read_text() == before
