@@ -24,13 +24,14 @@ import random
 import re
 import shutil
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from cpt_ds.distributed import all_gather_object, barrier, broadcast_object
 
 logger = logging.getLogger(__name__)
 
@@ -137,36 +138,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Distributed helpers (all no-ops in a single process)
-# --------------------------------------------------------------------------------------------------
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _barrier() -> None:
-    if _distributed():
-        dist.barrier()
-
-
-def _broadcast(value: Any) -> Any:
-    if not _distributed():
-        return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
-def _gather(value: Any) -> list[Any]:
-    if not _distributed():
-        return [value]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
-    return gathered
-
-
-# --------------------------------------------------------------------------------------------------
 # Checkpointer
 # --------------------------------------------------------------------------------------------------
 
@@ -193,7 +164,7 @@ class Checkpointer:
         path = self.output_dir / name
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-        already = _broadcast(is_complete(path) if self.rank == 0 else None)
+        already = broadcast_object(is_complete(path) if self.rank == 0 else None)
         if already:
             # Same step, same state (e.g. the run resumed from here and ends here): keep the proven copy.
             logger.info("checkpoint %s is already complete; not saving it again", path)
@@ -201,7 +172,7 @@ class Checkpointer:
         if self.rank == 0 and path.exists():
             logger.warning("removing incomplete checkpoint %s left by an interrupted save", path)
             shutil.rmtree(path)
-        _barrier()
+        barrier()
         started = time.monotonic()
         engine.save_checkpoint(str(self.output_dir), tag=name, client_state=client_state, save_latest=False,
                                exclude_frozen_parameters=exclude_frozen)
@@ -216,7 +187,7 @@ class Checkpointer:
             logger.warning("save_fault_delay_seconds: sleeping %.1f s before completing %s",
                            self.fault_delay_seconds, path)
             time.sleep(self.fault_delay_seconds)
-        _barrier()  # every rank's DeepSpeed files exist before any rank lists the folder
+        barrier()  # every rank's DeepSpeed files exist before any rank lists the folder
         own = {}
         for file in sorted(path.rglob("*")):
             relative = file.relative_to(path).as_posix()
@@ -224,9 +195,9 @@ class Checkpointer:
                 _fsync(file)
                 own[relative] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
         files: dict[str, Any] = {}
-        for part in _gather(own):
+        for part in all_gather_object(own):
             files.update(part)
-        _barrier()
+        barrier()
         if self.rank == 0:
             _fsync(path)
             marker = {"format_version": FORMAT_VERSION, "step": step, "world_size": self.world_size,
@@ -235,10 +206,10 @@ class Checkpointer:
             _atomic_write_text(path / COMPLETE_MARKER, json.dumps(marker, indent=2, sort_keys=True) + "\n")
             _atomic_write_text(self.output_dir / LATEST_FILE, name)
             logger.info("saved checkpoint %s (%d files, %.1f s)", path, len(files), time.monotonic() - started)
-        _barrier()
+        barrier()
         if self.rank == 0:
             self._rotate(keep=path)
-        _barrier()
+        barrier()
         return path
 
     def _rotate(self, keep: Path) -> None:
@@ -263,7 +234,7 @@ class Checkpointer:
         decision: Any = None
         if self.rank == 0:
             decision = self._decide(resume_from_checkpoint)
-        decision = _broadcast(decision)
+        decision = broadcast_object(decision)
         if isinstance(decision, dict):  # rank 0's error, raised identically everywhere
             raise CheckpointError(decision["error"])
         return None if decision is None else Path(decision)
@@ -305,7 +276,7 @@ class Checkpointer:
             elif _owned_by(name, self.rank) and _sha256(file) != expected["sha256"]:
                 errors.append(f"{file} has sha256 {_sha256(file)[:12]}..., {expected['sha256'][:12]}... when saved "
                               "(corrupted)")
-        everyone = sorted({error for part in _gather(errors) for error in part})
+        everyone = sorted({error for part in all_gather_object(errors) for error in part})
         if everyone:
             raise CheckpointError(f"checkpoint {path} is damaged: " + "; ".join(everyone)
                                   + "; resume from another checkpoint (resume_from_checkpoint PATH)")
@@ -345,7 +316,7 @@ class Checkpointer:
             shutil.copy2(path / COMPLETE_MARKER, target / (COMPLETE_MARKER + ".source"))
             _atomic_write_text(target / COMPLETE_MARKER, json.dumps(
                 {"universal_from": str(path), "files": {}}, indent=2) + "\n")
-        _barrier()
+        barrier()
         return target
 
 

@@ -9,10 +9,8 @@ parses, routes each key to its component, and ``validate`` reports every problem
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
-import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -323,11 +321,6 @@ class RunConfig:
             flat.update(dataclasses.asdict(getattr(self, section)))
         return flat
 
-    def replace(self, **changes: Any) -> RunConfig:
-        flat = self.to_flat()
-        flat.update(changes)
-        return RunConfig.from_flat(flat)
-
     # ---- validation ------------------------------------------------------------------------------
 
     def config_problems(self) -> list[str]:
@@ -336,9 +329,6 @@ class RunConfig:
         for section in self.SECTIONS:
             found += getattr(self, section).problems()
         return found
-
-    def copy(self) -> RunConfig:
-        return copy.deepcopy(self)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -447,7 +437,3 @@ def _coerce(value: Any, tp: Any) -> Any:
             return value
         raise ValueError(f"must be a string, got {value!r}")
     raise AssertionError(f"unsupported field type {tp}")
-
-
-def resolve_path(path: str | os.PathLike) -> Path:
-    return Path(os.path.expanduser(str(path)))

@@ -6,6 +6,7 @@ import datetime
 import logging
 import os
 import sys
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -41,9 +42,31 @@ def setup_logging(rank: int) -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.barrier()
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (a no-op in a single process)."""
+    if not is_distributed():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def all_gather_object(value: Any) -> list[Any]:
+    """Every rank's ``value``, in rank order."""
+    if not is_distributed():
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def device() -> torch.device:

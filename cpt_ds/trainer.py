@@ -19,14 +19,13 @@ from typing import Any
 import torch
 
 from cpt_ds import __version__
-from cpt_ds.checkpoint import Checkpointer, CheckpointError, read_marker
+from cpt_ds.checkpoint import Checkpointer, CheckpointError
 from cpt_ds.config import RunConfig
 from cpt_ds.data.indexed import IndexedTokenFile
 from cpt_ds.data.samples import PackedSamples, TokenStream, split_documents
 from cpt_ds.data.sampler import IGNORE_INDEX, TrainLoader, eval_batches
 from cpt_ds.distributed import barrier, device, init_distributed, setup_logging
 from cpt_ds.metrics import (
-    LOSS_UNITS_PER_NAT,
     MetricsLog,
     TokenMetrics,
     all_reduce_stats,

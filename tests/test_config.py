@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import pytest
 
 from conftest import REPO, run_config, write_config
@@ -96,7 +94,7 @@ def test_preflight_reports_every_problem_in_one_error(assets, tmp_path):
     for expected in (
         f"model_name_or_path: {tmp_path / 'nope'} does not exist",
         "train_batch_size 64 != train_micro_batch_size_per_gpu 4 x gradient_accumulation_steps 1 x world size 2",
-        f"tokenizer fingerprint",
+        "tokenizer fingerprint",
         f"recorded in {assets.corpus}.json",
         f"{tmp_path / 'missing'}.idx: token file index not found",
     ):
