@@ -51,6 +51,11 @@ def barrier() -> None:
         dist.barrier()
 
 
+def destroy_process_group() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
 def broadcast_object(value: Any) -> Any:
     """Rank 0's ``value`` on every rank (a no-op in a single process)."""
     if not is_distributed():

@@ -24,7 +24,7 @@ from cpt_ds.config import RunConfig
 from cpt_ds.data.indexed import IndexedTokenFile
 from cpt_ds.data.samples import PackedSamples, TokenStream, split_documents
 from cpt_ds.data.sampler import IGNORE_INDEX, TrainLoader, eval_batches
-from cpt_ds.distributed import barrier, device, init_distributed, setup_logging
+from cpt_ds.distributed import barrier, destroy_process_group, device, init_distributed, setup_logging
 from cpt_ds.metrics import (
     MetricsLog,
     TokenMetrics,
@@ -408,6 +408,9 @@ class Trainer:
     def close(self) -> None:
         barrier()
         self.engine.destroy()
+        # Tear the process group down here rather than during interpreter exit, where the order in
+        # which gloo's threads and buffers go away is not defined (seen: a rank aborting after success).
+        destroy_process_group()
 
 
 def _saved_module_state(path: Path) -> dict[str, Any] | None:
