@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,9 @@ TRAIN = REPO / "train.py"
 DRIVERS = Path(__file__).parent / "drivers"
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# The packer caches fast-encoder verdicts per tokenizer; the many tiny test tokenizers stay out of
+# the user's cache (launched processes inherit this too).
+os.environ.setdefault("CPT_DS_CACHE_DIR", tempfile.mkdtemp(prefix="cpt_ds_test_cache_"))
 
 # A toy LLaMA-3 shape (GQA 2:1, SwiGLU, RoPE theta 500k); dropout is switched on per test.
 TINY_MODEL = {

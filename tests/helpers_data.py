@@ -1,0 +1,123 @@
+"""Shared data for the token-file, tokenizer and packing tests: real text, edge cases, tiny tokenizers."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from cpt_ds.data.tiny_tokenizer import train_tokenizer
+
+ASSETS = Path(__file__).parent / "assets"
+REPO = Path(__file__).resolve().parents[1]
+# The real LLaMA-3 tokenizer sits in shared/ next to the repository; tests using it are optional extras.
+LLAMA3_TOKENIZER = REPO.parent / "shared" / "llama3-tokenizer"
+requires_llama3 = pytest.mark.skipif(not (LLAMA3_TOKENIZER / "tokenizer.json").exists(),
+                                     reason=f"real LLaMA-3 tokenizer not found at {LLAMA3_TOKENIZER}")
+
+# Texts on which regex engines and BPE implementations are most likely to disagree.
+EDGE_CASES = [
+    "😀👍🏽👨‍👩‍👧‍👦🇨🇳 emoji with skin tones, ZWJ families and flags 🎉🎉🎉",
+    "中文、日本語、한국어 and English mixed: 我爱Python3和C++！（全角括号）「引号」",
+    "long whitespace:" + " " * 300 + "then\t\t\t\ttabs and\n\n\n\n\nnewlines" + "\u3000" * 20 + "end",
+    "digits 1 12 123 1234 12345 123456789 3.14159265358979 1,000,000 ١٢٣٤٥ ４５６ ⅫⅣ ²³",
+    "scripts: Привет, мир! مرحبا بالعالم שלום עולם नमस्ते दुनिया สวัสดีชาวโลก Ελληνικά ქართული",
+    "special literals <|end_of_text|> and <|begin_of_text|> and <s></s><unk> inside a document",
+    "contractions: I'M you're WE'LL they'Ve it's O'Neil's rock'n'roll",
+    "combining e\u0301 a\u0308, ZWJ \u200d, ZWSP \u200b, BOM \ufeff mid-text, variation \u2764\ufe0f",
+    "controls \x00 \x01 \x1b[31m red \x7f, NEL \u0085, LS \u2028, PS \u2029",
+    "a" * 3000,
+    " leading and trailing spaces ",
+    "\n\nstarts with blank lines",
+    "private use \ue000, math 𝔘𝔫𝔦𝔠𝔬𝔡𝔢, CJK extension B 𠀀𠀁𠀂",
+    "=" * 100 + "\r\n" + "-" * 77 + "\r\n",
+]
+
+
+def private_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Fixture body: point ``$CPT_DS_CACHE_DIR`` (the fast encoder's merges cache) at a temporary folder,
+    so tests neither read nor fill the user's ``~/.cache/cpt_ds``."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CPT_DS_CACHE_DIR", str(tmp_path_factory.mktemp("cpt_ds_cache")))
+        yield
+
+
+def chinese_documents() -> list[str]:
+    """55 real Chinese documents (classics and modern sentences), see tests/assets/README.md."""
+    lines = (ASSETS / "zh_sample.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["text"] for line in lines]
+
+
+def english_documents(count: int = 40) -> list[str]:
+    """Real English prose: topics of Python's reference manual, shipped with every CPython."""
+    from pydoc_data.topics import topics
+
+    return [topics[key] for key in sorted(topics)[:count]]
+
+
+def multilingual_documents() -> list[str]:
+    return chinese_documents() + english_documents() + EDGE_CASES
+
+
+def tokenizer_training_texts() -> list[str]:
+    return chinese_documents() + english_documents(200)
+
+
+def train_tiny_tokenizer(folder: Path, vocab_size: int = 1024) -> Path:
+    return train_tokenizer(tokenizer_training_texts(), folder, vocab_size=vocab_size)
+
+
+def train_sentencepiece_tokenizer(folder: Path, vocab_size: int = 2500) -> Path:
+    """A LLaMA-2-style sentencepiece folder: only ``tokenizer.model`` + a config naming LlamaTokenizer."""
+    import sentencepiece as spm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    lines = [line for text in tokenizer_training_texts() for line in text.splitlines() if line.strip()]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, character_coverage=0.9995, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+              "add_bos_token": True, "add_eos_token": False, "legacy": False}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return folder
+
+
+def write_jsonl(path: Path, texts: Sequence[str | None], key: str = "text") -> Path:
+    data = "".join(json.dumps({key: text, "id": i}, ensure_ascii=False) + "\n" for i, text in enumerate(texts))
+    return write_bytes(path, data.encode("utf-8"))
+
+
+def write_bytes(path: Path, data: bytes) -> Path:
+    """Write ``data``, compressed as the name says (``.gz``, ``.zst``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.name.endswith(".gz"):
+        data = gzip.compress(data, mtime=0)
+    elif path.name.endswith(".zst"):
+        import zstandard
+
+        data = zstandard.ZstdCompressor().compress(data)
+    path.write_bytes(data)
+    return path
+
+
+def output_files(prefix: Path) -> list[Path]:
+    """Every file a pack to ``prefix`` may have left, temporaries included."""
+    return sorted(prefix.parent.glob(prefix.name + ".*"))
+
+
+def load_tool(name: str):
+    """Import ``tools/NAME.py`` (the tools are scripts, not a package) to call its ``main(argv)``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
