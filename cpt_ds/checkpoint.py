@@ -16,7 +16,6 @@ A folder without the marker does not exist for resume and is deleted by the next
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from cpt_ds.distributed import all_gather_object, barrier, broadcast_object
+from cpt_ds.fileio import atomic_write_text, fsync_path, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -79,32 +79,6 @@ def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
 def newest_complete(output_dir: Path) -> Path | None:
     complete = [path for _, path in list_checkpoints(output_dir) if is_complete(path)]
     return complete[-1] if complete else None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(16 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    _fsync(path.parent)
 
 
 def _owned_by(name: str, rank: int) -> bool:
@@ -192,19 +166,19 @@ class Checkpointer:
         for file in sorted(path.rglob("*")):
             relative = file.relative_to(path).as_posix()
             if file.is_file() and _owned_by(relative, self.rank):
-                _fsync(file)
-                own[relative] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+                fsync_path(file)
+                own[relative] = {"bytes": file.stat().st_size, "sha256": sha256_file(file)}
         files: dict[str, Any] = {}
         for part in all_gather_object(own):
             files.update(part)
         barrier()
         if self.rank == 0:
-            _fsync(path)
+            fsync_path(path)
             marker = {"format_version": FORMAT_VERSION, "step": step, "world_size": self.world_size,
                       "consumed_samples": client_state["cpt_ds"]["data"]["consumed_samples"],
                       "fingerprints": client_state["cpt_ds"]["fingerprints"], "files": files}
-            _atomic_write_text(path / COMPLETE_MARKER, json.dumps(marker, indent=2, sort_keys=True) + "\n")
-            _atomic_write_text(self.output_dir / LATEST_FILE, name)
+            atomic_write_text(path / COMPLETE_MARKER, json.dumps(marker, indent=2, sort_keys=True) + "\n")
+            atomic_write_text(self.output_dir / LATEST_FILE, name)
             logger.info("saved checkpoint %s (%d files, %.1f s)", path, len(files), time.monotonic() - started)
         barrier()
         if self.rank == 0:
@@ -273,8 +247,8 @@ class Checkpointer:
             size = file.stat().st_size
             if size != expected["bytes"]:
                 errors.append(f"{file} is {size} bytes, {expected['bytes']} when saved (truncated or replaced)")
-            elif _owned_by(name, self.rank) and _sha256(file) != expected["sha256"]:
-                errors.append(f"{file} has sha256 {_sha256(file)[:12]}..., {expected['sha256'][:12]}... when saved "
+            elif _owned_by(name, self.rank) and sha256_file(file) != expected["sha256"]:
+                errors.append(f"{file} has sha256 {sha256_file(file)[:12]}..., {expected['sha256'][:12]}... when saved "
                               "(corrupted)")
         everyone = sorted({error for part in all_gather_object(errors) for error in part})
         if everyone:
@@ -314,7 +288,7 @@ class Checkpointer:
                 if name.startswith("rng_state_"):
                     shutil.copy2(path / name, target / name)
             shutil.copy2(path / COMPLETE_MARKER, target / (COMPLETE_MARKER + ".source"))
-            _atomic_write_text(target / COMPLETE_MARKER, json.dumps(
+            atomic_write_text(target / COMPLETE_MARKER, json.dumps(
                 {"universal_from": str(path), "files": {}}, indent=2) + "\n")
         barrier()
         return target

@@ -100,6 +100,14 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
                   model_config=model_config, base_model=base, ds=ds)
 
 
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tokenizer tests' LLaMA-3-shaped tokenizer (Chinese + English training text, 1,024 ids)."""
+    from helpers_data import train_tiny_tokenizer
+
+    return train_tiny_tokenizer(tmp_path_factory.mktemp("tiny"))
+
+
 def run_config(assets: Assets, output_dir: Path, **overrides: Any) -> dict[str, Any]:
     """A small from-scratch full-finetuning run on the tiny model; override any field."""
     config = {

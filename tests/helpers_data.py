@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -36,14 +36,6 @@ EDGE_CASES = [
     "private use \ue000, math 𝔘𝔫𝔦𝔠𝔬𝔡𝔢, CJK extension B 𠀀𠀁𠀂",
     "=" * 100 + "\r\n" + "-" * 77 + "\r\n",
 ]
-
-
-def private_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Fixture body: point ``$CPT_DS_CACHE_DIR`` (the fast encoder's merges cache) at a temporary folder,
-    so tests neither read nor fill the user's ``~/.cache/cpt_ds``."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("CPT_DS_CACHE_DIR", str(tmp_path_factory.mktemp("cpt_ds_cache")))
-        yield
 
 
 def chinese_documents() -> list[str]:

@@ -18,14 +18,15 @@ import numpy as np
 import pytest
 from helpers_data import (
     EDGE_CASES, LLAMA3_TOKENIZER, REPO, chinese_documents, english_documents, load_tool, multilingual_documents,
-    output_files, private_cache_dir, requires_llama3, train_sentencepiece_tokenizer, train_tiny_tokenizer,
+    output_files, requires_llama3, train_sentencepiece_tokenizer,
     write_bytes, write_jsonl,
 )
 
 from cpt_ds import __version__
 from cpt_ds.data import packing
 from cpt_ds.data import tokenizer as tokenizer_module
-from cpt_ds.data.indexed import IndexedTokenFile, TokenFileError, sha256_file
+from cpt_ds.data.indexed import IndexedTokenFile, TokenFileError
+from cpt_ds.fileio import sha256_file
 from cpt_ds.data.packing import PackOptions, _WorkerConfig, _Workers, pack_corpus
 from cpt_ds.data.sources import PackError, RawChunk, discover_inputs
 from cpt_ds.data.tokenizer import (
@@ -35,17 +36,6 @@ from cpt_ds.data.tokenizer import (
 
 pack_tool = load_tool("pack_corpus")
 inspect_tool = load_tool("inspect_corpus")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _private_cache(tmp_path_factory):
-    """Fast-encoder merges verdicts go to a private cache, not the user's ~/.cache/cpt_ds."""
-    yield from private_cache_dir(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return train_tiny_tokenizer(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

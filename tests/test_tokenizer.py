@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from helpers_data import (
     EDGE_CASES, LLAMA3_TOKENIZER, REPO, chinese_documents, english_documents, multilingual_documents,
-    private_cache_dir, requires_llama3, tokenizer_training_texts, train_sentencepiece_tokenizer, train_tiny_tokenizer,
+    requires_llama3, tokenizer_training_texts, train_sentencepiece_tokenizer,
     write_jsonl,
 )
 
@@ -27,17 +27,6 @@ from cpt_ds.data.tokenizer import (
     TokenizerError, cache_dir, check_identity, decode, load_tokenizer, plan_fast_encoder, read_tokenizer,
     select_encoder, tokenizer_fingerprint, tokenizer_info,
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _private_cache(tmp_path_factory):
-    """Fast-encoder merges verdicts go to a private cache, not the user's ~/.cache/cpt_ds."""
-    yield from private_cache_dir(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return train_tiny_tokenizer(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from cpt_ds.fileio import fsync_path
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 HEADER_SIZE = 9 + 8 + 1 + 8 + 8  # magic, version, dtype code, sequence count, document count
@@ -52,8 +54,6 @@ UINT16_VOCAB_LIMIT = 65500
 
 SIDECAR_FORMAT = "cpt-ds-token-file"
 SIDECAR_FORMAT_VERSION = 1
-
-_HASH_CHUNK_BYTES = 16 << 20
 
 
 class TokenFileError(ValueError):
@@ -79,30 +79,6 @@ def paths_for(prefix: str | os.PathLike) -> tuple[Path, Path, Path]:
             prefix = prefix[: -len(suffix)]
             break
     return Path(prefix + ".bin"), Path(prefix + ".idx"), Path(prefix + ".json")
-
-
-def sha256_file(path: str | os.PathLike, progress: Callable[[int], None] | None = None) -> str:
-    """Streaming sha256 of a file; ``progress`` is called with the number of bytes read per chunk."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK_BYTES):
-            digest.update(chunk)
-            if progress is not None:
-                progress(len(chunk))
-    return digest.hexdigest()
-
-
-def _fsync_path(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,7 +181,7 @@ class IndexedTokenWriter:
         os.replace(self._tmp_bin, self.bin_path)
         os.replace(self._tmp_json, self.json_path)
         os.replace(self._tmp_idx, self.idx_path)
-        _fsync_dir(self.idx_path.parent)
+        fsync_path(self.idx_path.parent)
         self._finalized = True
         return sidecar
 

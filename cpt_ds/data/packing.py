@@ -39,7 +39,7 @@ from typing import Any, Literal
 import numpy as np
 
 from cpt_ds import __version__
-from cpt_ds.data.indexed import IndexedTokenWriter, paths_for, sha256_file, token_dtype_for_vocab
+from cpt_ds.data.indexed import IndexedTokenWriter, paths_for, token_dtype_for_vocab
 from cpt_ds.data.sources import (
     ENCODING_ERRORS, TXT_UNITS, EncodingErrors, InputFile, PackError, RawChunk, TxtUnit, chunk_documents,
     describe_location, discover_inputs, iter_raw_chunks,
@@ -47,6 +47,7 @@ from cpt_ds.data.sources import (
 from cpt_ds.data.tokenizer import (
     EncoderSpec, HFEncoder, TokenEncoder, check_identity, read_tokenizer, select_encoder, tokenizer_files,
 )
+from cpt_ds.fileio import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ def _start_worker(tokenizer_json: str | None) -> None:
     config's tokenizer JSON turns out to be that file. Nothing here is needed: an error (a bad
     tokenizer.json, which the main process reports itself) only leaves the work to the first chunk.
     """
-    import tiktoken  # noqa: F401
+    import tiktoken  # noqa: F401  (imported here, while idle, so the first chunk does not wait for it)
 
     assert _state is not None, "worker not initialised"
     if tokenizer_json is None or _state.early_hf is not None:

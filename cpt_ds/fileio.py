@@ -1,0 +1,41 @@
+"""Small file helpers for outputs that must be complete or absent: checksums, fsync, atomic writes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+_HASH_CHUNK_BYTES = 16 << 20
+
+
+def sha256_file(path: str | os.PathLike, progress: Callable[[int], None] | None = None) -> str:
+    """Streaming sha256 of a file; ``progress`` is called with the number of bytes read per chunk."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+            if progress is not None:
+                progress(len(chunk))
+    return digest.hexdigest()
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's or a folder's data and metadata to disk (a folder: the names it holds)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old content or the whole new one, never a part."""
+    temporary = path.with_name(path.name + f".tmp-{os.getpid()}")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    fsync_path(path.parent)
