@@ -29,7 +29,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from cpt_ds.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 MFU_TARGET = 0.45
@@ -213,12 +214,6 @@ def preflight_check(config_path: Path, num_gpus: int) -> None:
 # --------------------------------------------------------------------------------------------------
 # Launch and read back
 # --------------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def launch_command(config_path: Path, num_gpus: int, port: int) -> list[str]:

@@ -39,7 +39,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from cpt_ds.distributed import free_port, remove_shm_buffers
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = Path(__file__).resolve().parent
@@ -261,18 +262,6 @@ def baseline_spec(assets: Assets, settings: Settings) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 # Launching 2 CPU ranks
 # --------------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def remove_shm_buffers(port: int) -> None:
-    """DeepSpeed's CPU all-reduce leaves 132 MiB of /dev/shm per port, even after a clean exit."""
-    for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-        leftover.unlink(missing_ok=True)
 
 
 def launch(label: str, script: Path, args: list[str], work: Path, *, exact_rss: bool = False,

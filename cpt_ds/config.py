@@ -408,32 +408,25 @@ def _coerce(value: Any, tp: Any) -> Any:
         if isinstance(value, str) and value.lower() in ("false", "0", "no"):
             return False
         raise ValueError(f"must be true or false, got {value!r}")
-    if base is int:
-        if isinstance(value, bool):
-            raise ValueError(f"must be an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ValueError(f"must be an integer, got {value!r}")
-    if base is float:
-        if isinstance(value, bool):
-            raise ValueError(f"must be a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ValueError(f"must be a number, got {value!r}")
+    if base in (int, float):
+        return _coerce_number(value, base)
     if base is str:
         if isinstance(value, str):
             return value
         raise ValueError(f"must be a string, got {value!r}")
     raise AssertionError(f"unsupported field type {tp}")
+
+
+def _coerce_number(value: Any, base: type) -> int | float:
+    """An int or float field from JSON or the command line; ``True`` and ``2.5`` are not integers."""
+    expected = "an integer" if base is int else "a number"
+    if isinstance(value, str):
+        try:
+            value = base(value)
+        except ValueError:
+            raise ValueError(f"must be {expected}, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"must be {expected}, got {value!r}")
+    if base is int and not float(value).is_integer():
+        raise ValueError(f"must be {expected}, got {value!r}")
+    return base(value)

@@ -87,12 +87,6 @@ def launcher_command(*, hostfile: Path, master_port: int, num_ranks: int) -> lis
             "--node_rank", "0", "--master_addr", "127.0.0.1", "--master_port", str(master_port)]
 
 
-def remove_shm_buffers(master_port: int) -> None:
-    """DeepSpeed's CPU all-reduce leaves 132 MiB of /dev/shm per port, even after a clean exit."""
-    for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{master_port}_*"):
-        leftover.unlink(missing_ok=True)
-
-
 def read_evals(metrics: Path) -> list[dict]:
     return [record for line in metrics.read_text().splitlines() if "eval_loss" in (record := json.loads(line))]
 
@@ -107,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from cpt_ds.data.packing import PackOptions, pack_corpus
+    from cpt_ds.distributed import remove_shm_buffers
     from cpt_ds.data.tiny_tokenizer import train_tokenizer
 
     started = time.perf_counter()
