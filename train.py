@@ -12,7 +12,8 @@ import sys
 from cpt_ds.checkpoint import CheckpointError
 from cpt_ds.config import ConfigError, RunConfig
 from cpt_ds.data.indexed import TokenFileError
-from cpt_ds.trainer import Trainer
+from cpt_ds.distributed import exit_process
+from cpt_ds.trainer import DivergedError, Trainer
 
 USER_ERRORS = (ConfigError, CheckpointError, TokenFileError)
 
@@ -22,15 +23,22 @@ def main(argv: list[str] | None = None) -> int:
         config = RunConfig.load(argv)
         trainer = Trainer(config)
     except USER_ERRORS as error:
-        # Every rank reaches the same verdict; a traceback would only bury the one sentence that matters.
-        print(f"error (rank {os.environ.get('RANK', '0')}): {error}", file=sys.stderr, flush=True)
+        report(error)
         return 2
     try:
         trainer.train()
+    except DivergedError as error:
+        report(error)
+        return 1
     finally:
         trainer.close()
     return 0
 
 
+def report(error: Exception) -> None:
+    # Every rank reaches the same verdict; a traceback would only bury the one sentence that matters.
+    print(f"error (rank {os.environ.get('RANK', '0')}): {error}", file=sys.stderr, flush=True)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

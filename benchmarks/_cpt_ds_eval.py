@@ -17,6 +17,8 @@ from pathlib import Path
 # benchmarks/ is sys.path[0] when the launcher runs this file, so the probe is shared with the baseline.
 from train_speed import EvalMemoryProbe
 
+from cpt_ds.distributed import exit_process
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,4 +50,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())

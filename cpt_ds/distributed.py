@@ -8,7 +8,7 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -56,6 +56,23 @@ def barrier() -> None:
 def destroy_process_group() -> None:
     if is_distributed():
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a process that may have joined a process group: every distributed entry point ends here.
+
+    gloo's worker threads drop their references to a collective's tensors after the caller has moved
+    on, and DeepSpeed keeps the process group alive past ``destroy_process_group``. A worker that drops
+    a Python-owned tensor while the interpreter finalizes cannot take the GIL, is forced to exit, and
+    ``std::terminate`` aborts the rank, so the launcher reports -6 instead of the real exit code (seen
+    in about one of three error exits right after a checkpoint check). Skipping finalization removes
+    the race; everything we write is closed explicitly, so there is nothing left for it to do.
+    """
+    destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def broadcast_object(value: Any) -> Any:

@@ -55,8 +55,16 @@ SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "n
               "tie_word_embeddings")
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf on some rank; raised before the optimizer step and before any save."""
+class DivergedError(RuntimeError):
+    """Training produced non-finite numbers; raised before any save, so the last checkpoint is good."""
+
+
+class NonFiniteLossError(DivergedError):
+    """The loss became NaN/inf on some rank; raised before the optimizer step."""
+
+
+class NonFiniteGradientError(DivergedError):
+    """The gradients overflowed in fp32/bf16, where DeepSpeed would otherwise skip the update silently."""
 
 
 def _file_fingerprints(files: list[IndexedTokenFile]) -> dict[str, str]:
@@ -327,6 +335,13 @@ class Trainer:
                 f"or resume from the last checkpoint in {self.output_dir}")
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
+        # Under fp16 a skipped step is how loss scaling works; in fp32/bf16 it means the run diverged,
+        # and carrying on would report success for a model that stopped learning.
+        if not self.engine.was_step_applied() and self.ds.precision != "fp16":
+            raise NonFiniteGradientError(
+                f"non-finite gradient at step {self.step + 1} (grad norm {norm}); DeepSpeed skipped the update and "
+                "training stopped before any save. Lower learning_rate, enable gradient_clipping in the DeepSpeed "
+                f"JSON, check the data, or resume from the last checkpoint in {self.output_dir}")
         return total[:3], (float(norm) if norm is not None else None)
 
     def evaluate_and_log(self) -> TokenMetrics:

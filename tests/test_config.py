@@ -132,7 +132,7 @@ def test_train_py_prints_one_clear_error_and_exits_2(assets, tmp_path):
 
     path = write_config(run_config(assets, tmp_path / "out", block_size=4096), tmp_path / "run.json")
     result = launch(["--config", str(path), "--max_steps", "0"], workdir=tmp_path)
-    assert result.returncode != 0
+    assert result.returncode == 2, result.output[-3000:]
     assert "block_size 4096 > the model's max_position_embeddings 128" in result.output
     assert "max_steps must be positive or -1" in result.output
     assert "Traceback" not in result.output

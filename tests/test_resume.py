@@ -242,12 +242,23 @@ def test_non_finite_loss_stops_before_the_step_and_any_save(assets, tmp_path):
     report = tmp_path / "report.json"
     result = launch(["--config", str(path), "--report", str(report), "--nan_at_step", "3", "--nan_rank", "1"],
                     workdir=tmp_path, script=DRIVERS / "nan_run.py")
-    assert result.returncode != 0
+    assert result.returncode == 1, result.output[-3000:]
     assert "non-finite loss at step 3 in 1 micro-batch(es) across ranks" in result.output
     assert sorted(p.name for p in out.glob("step-*")) == ["step-00000001", "step-00000002"]
     facts = json.loads(report.read_text())
     assert facts["optimizer_steps"] == 2
     assert facts["weights_equal_step_2_checkpoint"]
+
+
+def test_train_py_reports_a_diverged_run_in_one_line(assets, tmp_path):
+    """A learning rate that blows the weights up ends the job with one sentence and exit 1, not a traceback,
+    and not DeepSpeed's silent skipping of every later step in fp32."""
+    out = tmp_path / "out"
+    result = train(run_config(assets, out, learning_rate=1e30, warmup_steps=0, max_steps=6, save_steps=100),
+                   workdir=tmp_path)
+    assert result.returncode == 1, result.output[-3000:]
+    assert "non-finite gradient at step 2" in result.output and "Traceback" not in result.output, result.output[-3000:]
+    assert not list(out.glob("step-*"))
 
 
 def test_logged_losses_are_global_token_weighted_means(assets, tmp_path):

@@ -22,7 +22,7 @@ from cpt_ds.data.indexed import IndexedTokenFile, TokenFileError
 from cpt_ds.data.samples import PackedSamples, TokenStream
 from cpt_ds.data.sampler import eval_batches
 from cpt_ds.data.tokenizer import tokenizer_files, tokenizer_fingerprint
-from cpt_ds.distributed import device, init_distributed, setup_logging
+from cpt_ds.distributed import device, exit_process, init_distributed, setup_logging
 from cpt_ds.export import load_exported_model
 from cpt_ds.metrics import evaluate
 from cpt_ds.preflight import sidecar_tokenizer_fingerprint
@@ -88,4 +88,4 @@ def _has_tokenizer(folder: Path) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

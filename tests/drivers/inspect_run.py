@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from cpt_ds.config import RunConfig
+from cpt_ds.distributed import exit_process
 from cpt_ds.trainer import Trainer
 
 
@@ -82,4 +83,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

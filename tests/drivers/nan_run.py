@@ -14,6 +14,7 @@ import torch
 
 import cpt_ds.trainer as trainer_module
 from cpt_ds.config import RunConfig
+from cpt_ds.distributed import exit_process
 from cpt_ds.export import trained_state_dict
 from cpt_ds.trainer import NonFiniteLossError, Trainer
 
@@ -57,4 +58,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
