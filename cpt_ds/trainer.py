@@ -216,6 +216,8 @@ class Trainer:
             raise CheckpointError(f"DeepSpeed could not load {load_path}; it reported no checkpoint there")
         if client_state is None or "cpt_ds" not in client_state:
             raise CheckpointError(f"{load_path} holds no cpt-ds client state; it was not written by train.py")
+        if load_path != resume_path and self.ds.zero_stage == 3:
+            self._repair_zero3_universal_load(load_path)
         state = client_state["cpt_ds"]
         if self.built.is_peft:
             self._verify_trainable_loaded(load_path)
@@ -227,6 +229,28 @@ class Trainer:
         self.metrics.truncate_after(self.step)
         logger.info("resumed at step %d, consumed_samples %d (epoch %.3f) from %s", self.step,
                     self.loader.consumed_samples, self.loader.epoch, resume_path)
+
+    def _repair_zero3_universal_load(self, universal_path: Path) -> None:
+        """Undo two slips of DeepSpeed's ZeRO-3 universal load (``load_hp_checkpoint_state_from_checkpoint_dir_stage3``)
+        that make a resumed run drift from the uninterrupted one (~1e-3 in the loss within three steps):
+
+        - it copies the first param group's hyperparameters into every group, so the no-decay group
+          (norms) would resume with weight decay: put each group's saved values back;
+        - it gives every sub-group's Adam state the *same* ``step`` tensor, which torch's AdamW then
+          increments once per sub-group per step, so all but the first sub-group use a wrong bias
+          correction: give each its own copy.
+        """
+        saved = torch.load(universal_path / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)
+        saved_groups = saved["optimizer_state_dict"]["param_groups"]
+        inner = self.engine.optimizer.optimizer
+        if len(saved_groups) != len(inner.param_groups):
+            raise CheckpointError(f"{universal_path} holds {len(saved_groups)} optimizer param groups, this run has "
+                                  f"{len(inner.param_groups)}; resume with the configuration it was saved with")
+        for group, saved_group in zip(inner.param_groups, saved_groups, strict=True):
+            group.update({key: value for key, value in saved_group.items() if key != "params"})
+        for state in inner.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
 
     def _verify_trainable_loaded(self, load_path: Path) -> None:
         """Non-strict loads (needed for LoRA: frozen weights are not saved) could hide a mismatch: check

@@ -220,14 +220,12 @@ def test_world_size_change_continues_the_data_position(assets, tmp_path, stage):
     assert "resumed at step 4, consumed_samples 32" in resumed.output
     ours, theirs = metrics(out), metrics(reference)
     assert [r["consumed_samples"] for r in ours if "loss" in r] == [r["consumed_samples"] for r in theirs if "loss" in r]
-    # Step 5 is the first step after the load: same weights, same samples, so the same loss up to the
-    # order of the float sums. Later steps drift by float rounding only (fp32 sums over 1 rank vs 2;
-    # ZeRO-3's Adam amplifies that to ~1e-3 within three steps, ZeRO-2 stays ~1e-8).
-    first = [(a, b) for a, b in zip(ours, theirs, strict=True) if a["step"] == 5 and "loss" in a][0]
-    assert first[0]["loss"] == pytest.approx(first[1]["loss"], abs=1e-6)
+    # Same weights, optimizer state and samples, so the same curve up to the order of the float sums
+    # (fp32 over 1 rank vs 2: ~1e-8). Under ZeRO-3 this also pins the no-decay group's weight decay,
+    # which DeepSpeed's universal load overwrites (a 1e-5 drift at the next step, 1e-3 by the end).
     for a, b in zip(ours, theirs, strict=True):
         key = "loss" if "loss" in a else "eval_loss"
-        assert a["step"] == b["step"] and a[key] == pytest.approx(b[key], rel=1e-2)
+        assert a["step"] == b["step"] and a[key] == pytest.approx(b[key], rel=1e-6, abs=0)
 
     # And back: the 1-rank checkpoint continues on 2 ranks.
     back = train(run_config(assets, out, **{**base, "max_steps": STEPS + 2}), workdir=work_b).check()
