@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
@@ -66,10 +67,11 @@ def exit_process(code: int) -> NoReturn:
     a Python-owned tensor while the interpreter finalizes cannot take the GIL, is forced to exit, and
     ``std::terminate`` aborts the rank, so the launcher reports -6 instead of the real exit code (seen
     in about one of three error exits right after a checkpoint check). Skipping finalization removes
-    the race; everything we write is closed explicitly, so there is nothing left for it to do.
+    the race. What a normal exit does before finalizing still runs: the atexit handlers (logging's
+    flush, a DeepSpeed monitor's wandb/comet finish) and the flush of stdout and stderr.
     """
     destroy_process_group()
-    logging.shutdown()
+    atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
