@@ -291,9 +291,26 @@ class RunConfig:
         return cls(**{section: hints[section](**sections[section]) for section in cls.SECTIONS})
 
     @classmethod
+    def fields_help(cls) -> str:
+        """Every field with its default, by section: what ``--help`` shows after the options."""
+        lines = ["every field below is a JSON key of --config and a flag --FIELD VALUE that overrides it",
+                 "(list fields take several values); meanings: README.md 'Run configuration'"]
+        hints = typing.get_type_hints(cls)
+        for section in cls.SECTIONS:
+            lines.append(f"\n{section}:")
+            for item in dataclasses.fields(hints[section]):
+                default = item.default if item.default is not dataclasses.MISSING else (
+                    item.default_factory() if item.default_factory is not dataclasses.MISSING else "(required)")
+                shown = json.dumps(default) if default != "(required)" else default
+                lines.append(f"  --{item.name:<29} default {shown}")
+        return "\n".join(lines)
+
+    @classmethod
     def load(cls, argv: list[str] | None = None) -> RunConfig:
         """Parse ``[--config RUN.json] [--field value ...]``; flags override the JSON's values."""
-        parser = argparse.ArgumentParser(description="cpt-ds continued pretraining", allow_abbrev=False)
+        parser = argparse.ArgumentParser(description="cpt-ds continued pretraining", allow_abbrev=False,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                                         epilog=cls.fields_help())
         parser.add_argument("--config", help="run configuration JSON (flat field -> value)")
         # The deepspeed launcher appends --local_rank; ranks are read from the environment instead.
         parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)

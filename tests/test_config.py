@@ -136,3 +136,12 @@ def test_train_py_prints_one_clear_error_and_exits_2(assets, tmp_path):
     assert "block_size 4096 > the model's max_position_embeddings 128" in result.output
     assert "max_steps must be positive or -1" in result.output
     assert "Traceback" not in result.output
+
+
+def test_help_lists_every_field_with_its_default(capsys):
+    with pytest.raises(SystemExit) as done:
+        RunConfig.load(["--help"])
+    assert done.value.code == 0
+    shown = capsys.readouterr().out
+    assert all(f"--{name} " in shown for name in RunConfig.field_types())
+    assert '--block_size                    default 1024' in shown
