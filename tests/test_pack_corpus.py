@@ -218,6 +218,26 @@ def test_chunks_in_flight_are_bounded(tiny_dir, tiny):
     assert len(num_read) == 40
 
 
+def test_workers_fork_only_from_a_single_threaded_caller(tmp_path, tiny_dir, tiny):
+    """A caller's own threads could hold locks a forked child would wait on; it gets spawned workers, same bytes."""
+    import sys
+    import threading
+
+    source = write_jsonl(tmp_path / "in.jsonl", english_documents(40))
+    assert packing.worker_start_method() == ("fork" if sys.platform.startswith("linux") else "spawn")
+    pack([source], tiny_dir, tmp_path / "forked", workers=2)
+    release = threading.Event()
+    busy = threading.Thread(target=release.wait)
+    busy.start()
+    try:
+        assert packing.worker_start_method() == "spawn"
+        pack([source], tiny_dir, tmp_path / "spawned", workers=2)
+    finally:
+        release.set()
+        busy.join()
+    assert file_bytes(tmp_path / "spawned") == file_bytes(tmp_path / "forked")
+
+
 def test_worker_reuses_the_hf_encoder_it_built_at_start_only_for_the_same_json(tmp_path, monkeypatch, tiny_dir,
                                                                                tiny):
     monkeypatch.setattr(packing, "_state", None)

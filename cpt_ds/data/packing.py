@@ -28,6 +28,7 @@ import os
 import pickle
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -57,11 +58,16 @@ EncoderChoice = Literal["auto", "hf"]
 BOS_POLICIES: tuple[BosPolicy, ...] = ("auto", "always", "never")
 ENCODER_CHOICES: tuple[EncoderChoice, ...] = ("auto", "hf")
 
-# A forked worker starts in milliseconds with the main process's imports; a spawned one pays a fresh
-# interpreter and imports (~0.15 s of CPU each, 12% of a 14 M-token pack on two cores). The main
-# process has started no threads and touched no tokenizer when the pool forks, which is what makes
-# fork safe here. macOS and Windows keep spawn (fork is unsafe or missing there).
-WORKER_START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
+def worker_start_method() -> str:
+    """``fork`` on Linux from a single-threaded caller, else ``spawn``; the output is the same either way.
+
+    A forked worker starts in milliseconds with the main process's imports; a spawned one pays a
+    fresh interpreter and imports (~0.15 s of CPU each, 12% of a 14 M-token pack on two cores). The
+    pack forks before it touches a tokenizer, but a caller's own threads (a notebook kernel, a web
+    server embedding ``pack_corpus``) could hold a lock the child would then wait on forever, so
+    such callers get spawn. macOS and Windows always spawn (fork is unsafe or missing there).
+    """
+    return "fork" if sys.platform.startswith("linux") and threading.active_count() == 1 else "spawn"
 
 DEFAULT_CHUNK_BYTES = 2 << 20
 MIN_CHUNK_BYTES = 1 << 10
@@ -420,7 +426,7 @@ class _Workers:
             return
         self._config_dir = tempfile.TemporaryDirectory(prefix="cpt_ds_pack_")
         self._config_path = Path(self._config_dir.name) / "worker_config.pickle"
-        self._executor = ProcessPoolExecutor(workers, mp_context=get_context(WORKER_START_METHOD),
+        self._executor = ProcessPoolExecutor(workers, mp_context=get_context(worker_start_method()),
                                              initializer=_init_worker, initargs=(str(self._config_path),))
         tokenizer_json = Path(tokenizer) / "tokenizer.json" if tokenizer is not None else None
         early = str(tokenizer_json) if tokenizer_json is not None and tokenizer_json.is_file() else None
