@@ -2,7 +2,7 @@
 
 Shape of the pipeline::
 
-    main process                      worker processes (forked)               main process
+    main process                      worker processes                        main process
     read + decompress, cut chunks --> decode, split, parse, tokenize, check --> write in input order
 
 The main process only does I/O; at most ``2 * workers + 2`` chunks are in flight, so memory stays
@@ -57,17 +57,6 @@ BosPolicy = Literal["auto", "always", "never"]
 EncoderChoice = Literal["auto", "hf"]
 BOS_POLICIES: tuple[BosPolicy, ...] = ("auto", "always", "never")
 ENCODER_CHOICES: tuple[EncoderChoice, ...] = ("auto", "hf")
-
-def worker_start_method() -> str:
-    """``fork`` on Linux from a single-threaded caller, else ``spawn``; the output is the same either way.
-
-    A forked worker starts in milliseconds with the main process's imports; a spawned one pays a
-    fresh interpreter and imports (~0.15 s of CPU each, 12% of a 14 M-token pack on two cores). The
-    pack forks before it touches a tokenizer, but a caller's own threads (a notebook kernel, a web
-    server embedding ``pack_corpus``) could hold a lock the child would then wait on forever, so
-    such callers get spawn. macOS and Windows always spawn (fork is unsafe or missing there).
-    """
-    return "fork" if sys.platform.startswith("linux") and threading.active_count() == 1 else "spawn"
 
 DEFAULT_CHUNK_BYTES = 2 << 20
 MIN_CHUNK_BYTES = 1 << 10
@@ -179,6 +168,18 @@ class _WorkerState:
 
 
 _state: _WorkerState | None = None
+
+
+def worker_start_method() -> str:
+    """``fork`` on Linux from a single-threaded caller, else ``spawn``; the output is the same either way.
+
+    A forked worker starts in milliseconds with the main process's imports; a spawned one pays a
+    fresh interpreter and imports (~0.15 s of CPU each, 12% of a 14 M-token pack on two cores). The
+    pack forks before it touches a tokenizer, but a caller's own threads (a notebook kernel, a web
+    server embedding ``pack_corpus``) could hold a lock the child would then wait on forever, so
+    such callers get spawn. macOS and Windows always spawn (fork is unsafe or missing there).
+    """
+    return "fork" if sys.platform.startswith("linux") and threading.active_count() == 1 else "spawn"
 
 
 def _init_worker(config_path: str) -> None:
