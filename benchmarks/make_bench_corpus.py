@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Build the packing benchmark corpus: real Chinese and English text, one document per line.
 
-Sources (both from ordinary package registries; see README.md, "Packing speed", for the commands):
+Sources (both from ordinary package registries; see docs/benchmarks.md, "Packing speed", for the commands):
 
 * Chinese: the npm package ``chinese-poetry`` 2.0.1 (MIT): Tang and Song poems (traditional
   characters), Song ci, the Analects and the Book of Songs. One poem = one document.

@@ -4,7 +4,7 @@
     python benchmarks/pack_speed.py --corpus /work/bench_corpus --tokenizer ../shared/llama3-tokenizer
 
 The corpus is a folder of ``.txt`` files, one document per line (``benchmarks/make_bench_corpus.py``
-builds the one in README.md). Every measurement uses the same documents and all cores unless it
+builds the one in docs/benchmarks.md). Every measurement uses the same documents and all cores unless it
 says "1 thread":
 
 1. HF ``tokenizers`` ``encode_batch`` in memory (its own thread pool on all cores), batches of 1,000.
@@ -53,7 +53,7 @@ MAX_OTHERS_SHARE = 0.05  # of all cores' time during a run, used by other proces
 def corpus_files(corpus: Path) -> list[Path]:
     files = sorted(corpus.rglob("*.txt"))
     if not files:
-        raise SystemExit(f"pack_speed: no .txt files under {corpus}; build the corpus first (see README.md)")
+        raise SystemExit(f"pack_speed: no .txt files under {corpus}; build the corpus first (see docs/benchmarks.md)")
     return files
 
 

@@ -1,7 +1,7 @@
 """The run configuration: one flat JSON file whose every field can be overridden by ``--field value``.
 
 Field names and meanings follow the baseline ``run_clm_pt_with_peft.py`` / ``run_pt.sh`` wherever the
-baseline has the flag, so a user's script migrates by search-and-replace (README: migration table).
+baseline has the flag, so a user's script migrates by search-and-replace (docs/configuration.md: migration table).
 Internally the flat namespace is split into one small dataclass per component; ``RunConfig.load``
 parses, routes each key to its component, and ``validate`` reports every problem in one ValueError.
 """
@@ -278,7 +278,7 @@ class RunConfig:
             if key not in table:
                 hint = RETIRED_FIELDS.get(key)
                 problems.append(f"{key}: not a cpt-ds field ({hint})" if hint
-                                else f"{key}: unknown field (see README 'Run configuration')")
+                                else f"{key}: unknown field (see docs/configuration.md)")
                 continue
             section, tp = table[key]
             try:
@@ -294,7 +294,7 @@ class RunConfig:
     def fields_help(cls) -> str:
         """Every field with its default, by section: what ``--help`` shows after the options."""
         lines = ["every field below is a JSON key of --config and a flag --FIELD VALUE that overrides it",
-                 "(list fields take several values); meanings: README.md 'Run configuration'"]
+                 "(list fields take several values); meanings: docs/configuration.md"]
         hints = typing.get_type_hints(cls)
         for section in cls.SECTIONS:
             lines.append(f"\n{section}:")

@@ -12,10 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cpt_ds.config import ConfigError, RunConfig
 from cpt_ds.data.indexed import IndexedTokenFile, TokenFileError
 from cpt_ds.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from cpt_ds.ds_config import DeepSpeedSettings, load_deepspeed_config
+from cpt_ds.hardware import slow_cpu_precision_warning
 from cpt_ds.model import attention_problems, dtype_problems, load_hf_config, quantization_problems
 
 logger = logging.getLogger(__name__)
@@ -53,8 +56,11 @@ def _open_token_files(field_name: str, prefixes: list[str], problems: list[str])
     return files
 
 
-def preflight(config: RunConfig, *, world_size: int) -> Plan:
-    """Check the run config against the files it names; raise one ValueError with every problem."""
+def preflight(config: RunConfig, *, world_size: int, rank: int = 0) -> Plan:
+    """Check the run config against the files it names; raise one ValueError with every problem.
+
+    Warnings (things that work but badly) are logged once, by rank 0.
+    """
     problems = config.config_problems()
     model_cfg, data_cfg, train_cfg = config.model, config.data, config.train
 
@@ -134,6 +140,10 @@ def preflight(config: RunConfig, *, world_size: int) -> Plan:
                     problems.append(f"{ours} {getattr(config.optim, ours)} != optimizer.params.{theirs} "
                                     f"{params[theirs]} in {ds.path}; make them equal or drop it from the JSON")
     problems += attention_problems(model_cfg)
+    if ds is not None and rank == 0 and not torch.cuda.is_available():
+        warning = slow_cpu_precision_warning(ds.precision, ds.path)
+        if warning is not None:
+            logger.warning(warning)
 
     has_eval_data = bool(data_cfg.eval_data_path) or data_cfg.validation_split_percentage > 0
     if train_cfg.eval_steps is not None and not has_eval_data:

@@ -87,6 +87,24 @@ def launcher_command(*, hostfile: Path, master_port: int, num_ranks: int) -> lis
             "--node_rank", "0", "--master_addr", "127.0.0.1", "--master_port", str(master_port)]
 
 
+def choose_precision() -> tuple[str, str, Path]:
+    """``(device, precision, DeepSpeed JSON)``: bf16 on GPUs that have it, fp32 on every CPU.
+
+    Many CPUs emulate bf16 (~100x slower than fp32, cpt_ds/hardware.py), and even where it is native
+    the quick start's tiny matmuls gain nothing from it, so CPUs always train in fp32.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        if torch.cuda.is_bf16_supported():
+            return f"cuda ({name})", "bf16", REPO / "ds_configs" / "zero2.json"
+        return f"cuda ({name})", "fp32", REPO / "ds_configs" / "zero2_fp32.json"
+    from cpt_ds.hardware import cpu_capability
+
+    return f"cpu (PyTorch {cpu_capability()})", "fp32", REPO / "ds_configs" / "zero2_fp32.json"
+
+
 def read_evals(metrics: Path) -> list[dict]:
     return [record for line in metrics.read_text().splitlines() if "eval_loss" in (record := json.loads(line))]
 
@@ -121,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     print("      " + summary.format().replace("\n", "\n      "), flush=True)
 
     num_ranks = torch.cuda.device_count() or 2
+    device_name, precision, ds_json = choose_precision()
     model_config = write_model_config(work / "model_config", vocab_size=2048)
     run_config = {
         "config_name": str(model_config),
@@ -129,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         "data_path": [str(work / "data" / "corpus")],
         "validation_split_percentage": 0.05,
         "block_size": 128,
-        "deepspeed": str(REPO / "ds_configs" / "zero2.json"),
+        "deepspeed": str(ds_json),
         "per_device_train_batch_size": 8,
         "gradient_accumulation_steps": 1,
         "learning_rate": 2e-3,
@@ -147,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     config_path.write_text(json.dumps(run_config, indent=2) + "\n")
     command = launcher_command(hostfile=work / "hostfile", master_port=args.master_port, num_ranks=num_ranks) + [
         str(REPO / "train.py"), "--config", str(config_path)]
-    print(f"[4/5] training on {num_ranks} ranks with ZeRO-2:\n      {' '.join(command)}", flush=True)
+    print(f"[4/5] training on {num_ranks} ranks with ZeRO-2 | device {device_name} | precision {precision} "
+          f"({ds_json.relative_to(REPO)}):\n      {' '.join(command)}", flush=True)
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")

@@ -77,7 +77,7 @@ class Trainer:
         self.config = config
         self.rank, self.world_size, self.local_rank = init_distributed(config.train.dist_timeout_minutes)
         setup_logging(self.rank)
-        self.plan: Plan = preflight(config, world_size=self.world_size)
+        self.plan: Plan = preflight(config, world_size=self.world_size, rank=self.rank)
         self.ds = self.plan.ds
         self.device = device()
         self.output_dir = Path(config.train.output_dir)

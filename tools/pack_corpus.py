@@ -4,7 +4,7 @@
     python tools/pack_corpus.py --input data/zh/ data/en/*.jsonl.zst --tokenizer TOKENIZER_DIR \\
         --output data/packed/corpus [--workers N] [--txt-unit line|paragraph|file] [--json-key text]
 
-See README.md, "Packing a corpus", for formats, defaults, the BOS/EOS policy and the sidecar.
+See docs/packing.md for formats, defaults, the BOS/EOS policy and the sidecar.
 """
 
 from __future__ import annotations

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The README's test command: reuse or create the venv, install what the tests need, run pytest on CPU.
+#
+#   bash tools/test.sh [pytest arguments]        (default: the whole suite, tests -q)
+#
+# CPT_DS_VENV picks the venv (default .venv, the one tools/quickstart.sh makes), so running this
+# before or after the quick start works the same; .ci/run calls exactly this with a fresh venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV="${CPT_DS_VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "creating the virtual environment $VENV" >&2
+  python3 -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+python -m pip install -q --upgrade pip
+# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build that does not match this machine.
+python -m pip install -q torch==2.13.0
+python -m pip install -q -e ".[dev]"
+python -m pip list 2>/dev/null | grep -iE "^(torch|deepspeed|transformers|peft|bitsandbytes|tokenizers|tiktoken) " || true
+
+if [ "$#" -eq 0 ]; then
+  set -- tests -q
+fi
+DS_ACCELERATOR=cpu exec python -m pytest "$@"
