@@ -33,6 +33,7 @@ setup(
     extras_require={
         "flash": ["flash-attn>=2.6"],
         "quant": ["bitsandbytes>=0.45"],
-        "dev": ["pytest>=8", "bitsandbytes>=0.45"],
+        "plot": ["matplotlib>=3.8"],
+        "dev": ["pytest>=8", "bitsandbytes>=0.45", "matplotlib>=3.8"],
     },
 )

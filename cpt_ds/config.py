@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from cpt_ds.data.blend import ComponentSpec, is_weighted, parse_data_path, parse_named_paths
+
 # Baseline flags that have no counterpart here, with what to do instead. Named so the unknown-key
 # error for a migrated run_pt.sh says why instead of just "unknown".
 RETIRED_FIELDS: dict[str, str] = {
@@ -127,9 +129,10 @@ class ModelConfig:
 @dataclass(kw_only=True)
 class DataConfig:
     data_path: list[str] = field(default_factory=list)
-    """Token-file prefixes (from tools/pack_corpus.py), read back to back in this order."""
+    """Token-file prefixes (from tools/pack_corpus.py), read back to back in this order; or a weighted
+    blend in Megatron's form, 'W1 PREFIX1 W2 PREFIX2 ...' (weights are normalized)."""
     eval_data_path: list[str] = field(default_factory=list)
-    """Optional separate validation token files; otherwise documents are held out of data_path."""
+    """Validation sets, each PREFIX or NAME=PREFIX; otherwise documents are held out of every data_path component."""
     block_size: int = 1024
     """Tokens per training sample (the model sees block_size inputs and block_size next-token labels)."""
     validation_split_percentage: float = 0.001
@@ -143,6 +146,8 @@ class DataConfig:
         found = []
         if not self.data_path:
             found.append("data_path is empty: pass one or more token-file prefixes made by tools/pack_corpus.py")
+        found += self.components()[1]
+        found += self.eval_sets()[1]
         if self.block_size < 2:
             found.append(f"block_size must be at least 2, got {self.block_size}")
         if not 0.0 <= self.validation_split_percentage < 1.0:
@@ -152,6 +157,18 @@ class DataConfig:
             if value is not None and value <= 0:
                 found.append(f"{name} must be positive or null, got {value}")
         return found
+
+    def components(self) -> tuple[list[ComponentSpec], list[str]]:
+        """The training components of ``data_path`` (one unweighted stream or a weighted blend)."""
+        return parse_data_path(self.data_path)
+
+    def eval_sets(self) -> tuple[list[tuple[str, str]], list[str]]:
+        """``[(name, prefix)]`` of ``eval_data_path``."""
+        return parse_named_paths(self.eval_data_path, "eval_data_path")
+
+    @property
+    def is_blend(self) -> bool:
+        return is_weighted(self.data_path)
 
 
 @dataclass(kw_only=True)
@@ -345,6 +362,9 @@ class RunConfig:
         found: list[str] = []
         for section in self.SECTIONS:
             found += getattr(self, section).problems()
+        if self.data.is_blend and self.train.max_steps == -1:
+            found.append("a weighted data_path has no epoch (each component repeats or is sub-sampled by its "
+                         "weight): set max_steps instead of num_train_epochs")
         return found
 
 
@@ -414,9 +434,12 @@ def _coerce(value: Any, tp: Any) -> Any:
     if _is_list(base):
         if isinstance(value, str):
             value = [value]
-        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        # Numbers are allowed so a blend's weights can be JSON numbers: ["0.8", "data/zh"] or [0.8, "data/zh"].
+        if not isinstance(value, list) or not all(
+                isinstance(item, str) or (isinstance(item, (int, float)) and not isinstance(item, bool))
+                for item in value):
             raise ValueError(f"must be a list of strings, got {value!r}")
-        return list(value)
+        return [item if isinstance(item, str) else repr(item) for item in value]
     if base is bool:
         if isinstance(value, bool):
             return value

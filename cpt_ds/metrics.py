@@ -41,20 +41,33 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return flat.view(labels.shape)
 
 
+def sample_stats(losses: torch.Tensor, labels: torch.Tensor, correct: torch.Tensor | None = None) -> torch.Tensor:
+    """``int64[B, 3] = [loss_sum (fixed point), correct, tokens]`` per sample (row) of a batch; no gradient.
+
+    ``losses`` are per-position cross entropies (0 where ignored), ``correct`` per-position argmax hits
+    or None (training skips the argmax, a full extra pass over vocabulary-sized logits; correct is 0).
+    Rows are what per-corpus sums are grouped by: each sample comes from exactly one corpus.
+    """
+    with torch.no_grad():
+        mask = labels != IGNORE_INDEX
+        fixed = torch.round(losses.detach().double() * LOSS_UNITS_PER_NAT).long() * mask
+        hits = (correct & mask).sum(dim=-1) if correct is not None else mask.new_zeros(mask.shape[0], dtype=torch.long)
+        return torch.stack([fixed.sum(dim=-1), hits, mask.sum(dim=-1)], dim=-1).to(torch.int64).cpu()
+
+
 def batch_stats(logits: torch.Tensor, labels: torch.Tensor, losses: torch.Tensor | None = None, *,
                 with_accuracy: bool = True) -> torch.Tensor:
-    """``int64[3] = [loss_sum (fixed point), correct, tokens]`` of one batch; no gradient.
-
-    Training passes ``with_accuracy=False``: the argmax is a full extra pass over the logits
-    (vocabulary-sized per position) that the training status line does not need; ``correct`` is then 0.
-    """
+    """``int64[3] = [loss_sum (fixed point), correct, tokens]`` of one batch; no gradient."""
     with torch.no_grad():
         if losses is None:
             losses = token_losses(logits, labels)
-        mask = labels != IGNORE_INDEX
-        fixed = torch.round(losses.detach().double() * LOSS_UNITS_PER_NAT).long()
-        correct = ((logits.detach().argmax(dim=-1) == labels) & mask).sum() if with_accuracy else mask.new_zeros(())
-        return torch.stack([fixed[mask].sum(), correct, mask.sum()]).to(torch.int64).cpu()
+        correct = logits.detach().argmax(dim=-1) == labels if with_accuracy else None
+        return sample_stats(losses, labels, correct).sum(dim=0)
+
+
+def by_corpus(stats: torch.Tensor, corpus: torch.Tensor, num_corpora: int) -> torch.Tensor:
+    """Per-sample ``int64[B, 3]`` stats summed into ``int64[num_corpora, 3]`` by each sample's corpus index."""
+    return torch.zeros(num_corpora, stats.shape[-1], dtype=torch.int64).index_add_(0, corpus.long().cpu(), stats)
 
 
 @dataclass(frozen=True)
@@ -112,18 +125,36 @@ def evaluate(engine_or_module: Any, batches: Any) -> TokenMetrics:
 
     Every rank must call this with the same number of batches (see ``eval_batches``).
     """
+    return evaluate_sets(engine_or_module, {"all": batches})["all"]
+
+
+@torch.no_grad()
+def evaluate_sets(engine_or_module: Any, sets: dict[str, Any]) -> dict[str, TokenMetrics]:
+    """``evaluate`` for several named sets at once: one all-reduce of an ``int64[sets, 3]`` tensor.
+
+    Every rank must pass the same set names, and the same number of batches per set.
+    """
     module = engine_or_module
     was_training = module.training
     module.eval()
     device = next(_parameters_device(module))
-    stats = torch.zeros(3, dtype=torch.int64)
-    for batch in batches:
-        logits = module(input_ids=batch["input_ids"].to(device)).logits
-        stats += batch_stats(logits, batch["labels"].to(device))
-        del logits
+    stats = torch.zeros(len(sets), 3, dtype=torch.int64)
+    for index, batches in enumerate(sets.values()):
+        for batch in batches:
+            logits = module(input_ids=batch["input_ids"].to(device)).logits
+            stats[index] += batch_stats(logits, batch["labels"].to(device))
+            del logits
     if was_training:
         module.train()
-    return TokenMetrics.from_tensor(all_reduce_stats(stats))
+    total = all_reduce_stats(stats)
+    return {name: TokenMetrics.from_tensor(total[index]) for index, name in enumerate(sets)}
+
+
+def total_metrics(parts: Any) -> TokenMetrics:
+    """The token-weighted combination of several sets' or corpora's sums (exact: integer addition)."""
+    parts = list(parts)
+    return TokenMetrics(loss_sum=sum(p.loss_sum for p in parts), correct=sum(p.correct for p in parts),
+                        tokens=sum(p.tokens for p in parts))
 
 
 def _parameters_device(module: Any):

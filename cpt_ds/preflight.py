@@ -30,13 +30,23 @@ class Plan:
 
     config: RunConfig
     ds: DeepSpeedSettings
-    train_files: list[IndexedTokenFile]
-    eval_files: list[IndexedTokenFile]
+    train_components: list[tuple[str, float | None, list[IndexedTokenFile]]]
+    """(name, normalized weight or None, token files) of every data_path component."""
+    eval_sets: list[tuple[str, list[IndexedTokenFile]]]
+    """(name, token files) of every eval_data_path set."""
     hf_config: Any
     tokenizer: Any
     tokenizer_fingerprint: str
     vocab_size: int
     """Rows the embedding must have: max(model vocabulary, tokenizer length)."""
+
+    @property
+    def train_files(self) -> list[IndexedTokenFile]:
+        return [file for _, _, files in self.train_components for file in files]
+
+    @property
+    def eval_files(self) -> list[IndexedTokenFile]:
+        return [file for _, files in self.eval_sets for file in files]
 
 
 def sidecar_tokenizer_fingerprint(meta: dict[str, Any] | None) -> str | None:
@@ -96,8 +106,12 @@ def preflight(config: RunConfig, *, world_size: int, rank: int = 0) -> Plan:
         problems.append(f"tokenizer_name_or_path: {model_cfg.tokenizer_path} does not exist; "
                         "pass the tokenizer folder the token files were packed with")
 
-    train_files = _open_token_files("data_path", data_cfg.data_path, problems)
-    eval_files = _open_token_files("eval_data_path", data_cfg.eval_data_path, problems)
+    components, _ = data_cfg.components()
+    train_components = [(c.name, c.weight, _open_token_files("data_path", list(c.paths), problems)) for c in components]
+    named_eval, _ = data_cfg.eval_sets()
+    eval_sets = [(name, _open_token_files("eval_data_path", [prefix], problems)) for name, prefix in named_eval]
+    train_files = [file for _, _, files in train_components for file in files]
+    eval_files = [file for _, files in eval_sets for file in files]
     if fingerprint:
         for file in train_files + eval_files:
             packed_with = sidecar_tokenizer_fingerprint(file.meta)
@@ -153,5 +167,5 @@ def preflight(config: RunConfig, *, world_size: int, rank: int = 0) -> Plan:
     if problems:
         raise ConfigError("invalid run configuration:\n  - " + "\n  - ".join(problems))
     assert ds is not None and hf_config is not None and tokenizer is not None
-    return Plan(config=config, ds=ds, train_files=train_files, eval_files=eval_files, hf_config=hf_config,
+    return Plan(config=config, ds=ds, train_components=train_components, eval_sets=eval_sets, hf_config=hf_config,
                 tokenizer=tokenizer, tokenizer_fingerprint=fingerprint, vocab_size=vocab_size)

@@ -20,19 +20,21 @@ import torch
 
 from cpt_ds import __version__
 from cpt_ds.checkpoint import Checkpointer, CheckpointError
-from cpt_ds.config import RunConfig
+from cpt_ds.config import ConfigError, RunConfig
+from cpt_ds.data.corpora import RunData, build_run_data
 from cpt_ds.data.indexed import IndexedTokenFile
-from cpt_ds.data.samples import PackedSamples, TokenStream, split_documents
 from cpt_ds.data.sampler import IGNORE_INDEX, TrainLoader, eval_batches
 from cpt_ds.distributed import barrier, destroy_process_group, device, init_distributed, setup_logging
 from cpt_ds.metrics import (
     MetricsLog,
     TokenMetrics,
     all_reduce_stats,
-    batch_stats,
-    evaluate,
+    by_corpus,
+    evaluate_sets,
     peak_memory_gib,
+    sample_stats,
     token_losses,
+    total_metrics,
 )
 from cpt_ds.model import (
     BuiltModel,
@@ -109,7 +111,8 @@ class Trainer:
             model=self.built.module, optimizer=optimizer, model_parameters=parameters, config=self.ds.raw)
         self.loader = TrainLoader(self.train_samples, micro_batch_size=self.ds.micro_batch_size,
                                   gradient_accumulation_steps=self.ds.gradient_accumulation_steps,
-                                  dp_rank=self.rank, dp_world_size=self.world_size, seed=config.train.seed)
+                                  dp_rank=self.rank, dp_world_size=self.world_size, seed=config.train.seed,
+                                  order=self.data.order)
         self.step = 0
         self.resumed_from: Path | None = None
         if resume_path is not None:
@@ -125,29 +128,15 @@ class Trainer:
 
     def _build_data(self) -> None:
         data = self.config.data
-        files = self.plan.train_files
-        if self.plan.eval_files:
-            train_stream = TokenStream.whole(files)
-            eval_stream: TokenStream | None = TokenStream.whole(self.plan.eval_files)
-        elif data.validation_split_percentage > 0:
-            train_segments, eval_segments = split_documents(files, data.validation_split_percentage,
-                                                            self.config.train.seed)
-            train_stream, eval_stream = TokenStream(files, train_segments), TokenStream(files, eval_segments)
-        else:
-            train_stream, eval_stream = TokenStream.whole(files), None
-        self.train_stream, self.eval_stream = train_stream, eval_stream
-        self.train_samples = PackedSamples(train_stream, data.block_size, data.max_train_samples)
-        if len(self.train_samples) == 0:
-            raise ValueError(f"data_path holds {train_stream.num_tokens} training tokens, fewer than one "
-                             f"block_size {data.block_size} sample; pack more text or lower block_size")
-        self.eval_samples = None
-        if eval_stream is not None:
-            self.eval_samples = PackedSamples(eval_stream, data.block_size, data.max_eval_samples)
-            if len(self.eval_samples) == 0:
-                source = "eval_data_path" if self.plan.eval_files else "the held-out documents"
-                raise ValueError(f"{source} hold {eval_stream.num_tokens} tokens, fewer than one block_size "
-                                 f"{data.block_size} sample; raise validation_split_percentage, lower "
-                                 "block_size or pass a larger eval_data_path")
+        try:
+            self.data: RunData = build_run_data(
+                self.plan.train_components, self.plan.eval_sets, block_size=data.block_size,
+                validation_split_percentage=data.validation_split_percentage,
+                max_train_samples=data.max_train_samples, max_eval_samples=data.max_eval_samples,
+                seed=self.config.train.seed)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        self.train_samples = self.data.samples
 
     def _total_steps(self) -> int:
         if self.config.train.max_steps > 0:
@@ -163,8 +152,8 @@ class Trainer:
             "lora_rank": model.lora_rank, "lora_alpha": model.lora_alpha, "trainable": model.trainable_modules,
             "modules_to_save": model.modules_to_save_list, "load_in_kbits": model.load_in_kbits}
         return {
-            "train_data": self.train_stream.fingerprint(),
-            "eval_data": self.eval_stream.fingerprint() if self.eval_stream is not None else None,
+            "data_split": self.data.split_fingerprint(),
+            "blend": self.data.blend_fingerprint(),
             "token_files": _file_fingerprints(self.plan.train_files + self.plan.eval_files),
             "tokenizer": self.plan.tokenizer_fingerprint,
             "model_shape": shape,
@@ -183,7 +172,9 @@ class Trainer:
             changed.append("token files (" + ", ".join(
                 f"{name}: {'added' if name not in before else 'removed' if name not in after else 'content changed'}"
                 for name in diffs) + ")")
-        elif old["train_data"] != new["train_data"] or old["eval_data"] != new["eval_data"]:
+        elif old["blend"] != new["blend"]:
+            changed.append("the blend (" + _blend_changes(old["blend"], new["blend"]) + ")")
+        elif old["data_split"] != new["data_split"]:
             changed.append("the train/validation split (validation_split_percentage, seed or eval_data_path)")
         if old["tokenizer"] != new["tokenizer"]:
             changed.append(f"tokenizer (fingerprint {old['tokenizer'][:12]} -> {new['tokenizer'][:12]})")
@@ -227,8 +218,8 @@ class Trainer:
         self.resumed_from = resume_path
         self._warn_config_changes(state["config"])
         self.metrics.truncate_after(self.step)
-        logger.info("resumed at step %d, consumed_samples %d (epoch %.3f) from %s", self.step,
-                    self.loader.consumed_samples, self.loader.epoch, resume_path)
+        logger.info("resumed at step %d, consumed_samples %d (epochs %s) from %s", self.step,
+                    self.loader.consumed_samples, self._epochs_text(), resume_path)
 
     def _repair_zero3_universal_load(self, universal_path: Path) -> None:
         """Undo two slips of DeepSpeed's ZeRO-3 universal load (``load_hp_checkpoint_state_from_checkpoint_dir_stage3``)
@@ -276,12 +267,24 @@ class Trainer:
         ds = self.ds
         logger.info(
             "cpt-ds %s | world %d | ZeRO-%d %s | micro %d x accumulation %d x ranks %d = %d samples/step "
-            "(%d tokens) | %d steps, warmup %d | params %.2fM, trainable %.2fM | %d train samples, %s eval samples",
+            "(%d tokens) | %d steps, warmup %d | params %.2fM, trainable %.2fM | %d train samples, %s eval samples"
+            "\n  data: %s\n  eval sets: %s",
             __version__, self.world_size, ds.zero_stage, ds.precision, ds.micro_batch_size,
             ds.gradient_accumulation_steps, self.world_size, self.loader.global_batch_size,
             self.loader.global_batch_size * self.config.data.block_size, self.total_steps, self.warmup_steps,
             self.num_parameters / 1e6, self.num_trainable / 1e6, len(self.train_samples),
-            len(self.eval_samples) if self.eval_samples is not None else "no")
+            sum(len(c.samples) for c in self.data.eval_sets) or "no", self._components_text(),
+            ", ".join(f"{c.name} ({len(c.samples)} samples)" for c in self.data.eval_sets) or "none")
+
+    def _components_text(self) -> str:
+        epochs = self.data.epochs(self.loader.consumed_samples)
+        weights = self.data.weights or [None] * len(self.data.train)
+        return "; ".join(
+            f"{c.name}{'' if w is None else f' weight {w:.3f}'}: {len(c.samples)} samples of {c.stream.num_tokens:,} "
+            f"tokens from {len(c.files)} file(s), epoch {epochs[c.name]:.3f}" for c, w in zip(self.data.train, weights))
+
+    def _epochs_text(self) -> str:
+        return " ".join(f"{name} {epoch:.3f}" for name, epoch in self.data.epochs(self.loader.consumed_samples).items())
 
     # ---- the loop --------------------------------------------------------------------------------
 
@@ -297,9 +300,9 @@ class Trainer:
             if train_cfg.export_final and not (self.output_dir / "final").exists():
                 self.export_final()
             return None
-        if self.step == 0 and self.eval_samples is not None:
+        if self.step == 0 and self.data.eval_sets:
             self.evaluate_and_log()
-        interval = torch.zeros(3, dtype=torch.int64)
+        interval = torch.zeros(len(self.data.train), 3, dtype=torch.int64)  # per corpus: loss_sum, correct, tokens
         interval_start, interval_steps = time.perf_counter(), 0
         stop = min(self.total_steps, train_cfg.stop_at_step or self.total_steps)
         while self.step < stop:
@@ -309,12 +312,11 @@ class Trainer:
             interval += stats
             interval_steps += 1
             if self.step % train_cfg.logging_steps == 0 or self.step == self.total_steps or self.step == 1:
-                self._log_train(TokenMetrics.from_tensor(interval), lr, grad_norm,
-                                time.perf_counter() - interval_start, interval_steps)
+                self._log_train(interval, lr, grad_norm, time.perf_counter() - interval_start, interval_steps)
                 interval.zero_()
                 interval_start, interval_steps = time.perf_counter(), 0
             last = self.step == self.total_steps
-            if self.eval_samples is not None and not last and train_cfg.eval_steps \
+            if self.data.eval_sets and not last and train_cfg.eval_steps \
                     and self.step % train_cfg.eval_steps == 0:
                 self.evaluate_and_log()
             if not last and (self.step == stop or (train_cfg.save_steps and self.step % train_cfg.save_steps == 0)):
@@ -323,21 +325,24 @@ class Trainer:
             logger.info("stopped at step %d of %d (stop_at_step); relaunch the same command to continue",
                         self.step, self.total_steps)
             return None
-        final = self.evaluate_and_log() if self.eval_samples is not None else None
+        final = self.evaluate_and_log() if self.data.eval_sets else None
         self.save()
         if train_cfg.export_final:
             self.export_final()
         return final
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], lr: float) -> tuple[torch.Tensor, float | None]:
-        """One optimizer step over this rank's micro-batches; returns the global [loss, correct, tokens] sums."""
+        """One optimizer step over this rank's micro-batches; returns the global ``int64[corpora, 3]`` sums
+        (loss, correct, tokens) per training corpus, whose column sums are the global totals."""
         if not self.ds.has_scheduler:
             for group in self.engine.optimizer.param_groups:
                 group["lr"] = lr
         local_tokens = sum(int((batch["labels"] != IGNORE_INDEX).sum()) for batch in micro_batches)
         global_tokens = int(all_reduce_stats(torch.tensor([local_tokens], dtype=torch.int64)).item())
         scale = self.ds.gradient_accumulation_steps * self.world_size / global_tokens
-        stats = torch.zeros(4, dtype=torch.int64)  # loss_sum, correct, tokens, non-finite micro-batches
+        num_corpora = len(self.data.train)
+        # Rows: one per corpus (loss_sum, correct, tokens), then [non-finite micro-batches, 0, 0]; one all-reduce.
+        stats = torch.zeros(num_corpora + 1, 3, dtype=torch.int64)
         self.engine.train()
         for index, batch in enumerate(micro_batches):
             labels = batch["labels"].to(self.device)
@@ -345,16 +350,18 @@ class Trainer:
             losses = token_losses(logits, labels)
             loss_sum = losses.sum()
             finite = bool(torch.isfinite(loss_sum))
-            stats[:3] += batch_stats(logits, labels, losses, with_accuracy=False) if finite else 0
-            stats[3] += 0 if finite else 1
+            if finite:
+                stats[:num_corpora] += by_corpus(sample_stats(losses, labels), batch["corpus"], num_corpora)
+            else:
+                stats[num_corpora, 0] += 1
             del logits
             self.engine.backward(loss_sum * scale)
             if index < len(micro_batches) - 1:
                 self.engine.step()  # DeepSpeed counts micro-steps; no optimizer step before the boundary
         total = all_reduce_stats(stats)
-        if int(total[3]) > 0:
+        if int(total[num_corpora, 0]) > 0:
             raise NonFiniteLossError(
-                f"non-finite loss at step {self.step + 1} in {int(total[3])} micro-batch(es) across ranks; "
+                f"non-finite loss at step {self.step + 1} in {int(total[num_corpora, 0])} micro-batch(es) across ranks; "
                 "stopped before the optimizer step and before any save. Lower learning_rate, check the data, "
                 f"or resume from the last checkpoint in {self.output_dir}")
         self.engine.step()
@@ -366,37 +373,57 @@ class Trainer:
                 f"non-finite gradient at step {self.step + 1} (grad norm {norm}); DeepSpeed skipped the update and "
                 "training stopped before any save. Lower learning_rate, enable gradient_clipping in the DeepSpeed "
                 f"JSON, check the data, or resume from the last checkpoint in {self.output_dir}")
-        return total[:3], (float(norm) if norm is not None else None)
+        return total[:num_corpora], (float(norm) if norm is not None else None)
 
     def evaluate_and_log(self) -> TokenMetrics:
-        assert self.eval_samples is not None
+        """Evaluate every validation set; ``eval_loss`` is the token-weighted mean over all of them."""
+        assert self.data.eval_sets
         started = time.perf_counter()
-        result = evaluate(self.engine, eval_batches(
-            self.eval_samples, micro_batch_size=self.config.train.per_device_eval_batch_size or self.ds.micro_batch_size,
-            dp_rank=self.rank, dp_world_size=self.world_size))
+        micro = self.config.train.per_device_eval_batch_size or self.ds.micro_batch_size
+        per_set = evaluate_sets(self.engine, {
+            corpus.name: eval_batches(corpus.samples, micro_batch_size=micro, dp_rank=self.rank,
+                                      dp_world_size=self.world_size) for corpus in self.data.eval_sets})
+        result = total_metrics(per_set.values())
         record = {"step": self.step, "eval_loss": result.loss, "eval_accuracy": result.accuracy,
-                  "perplexity": result.perplexity, "eval_tokens": result.tokens}
-        logger.info("eval step %d | loss %.4f | accuracy %.4f | perplexity %.2f | %d tokens | %.1f s", self.step,
-                    result.loss, result.accuracy, result.perplexity, result.tokens, time.perf_counter() - started)
+                  "perplexity": result.perplexity, "eval_tokens": result.tokens,
+                  "sets": {name: {"eval_loss": m.loss, "eval_accuracy": m.accuracy, "perplexity": m.perplexity,
+                                  "eval_tokens": m.tokens} for name, m in per_set.items()}}
+        logger.info("eval step %d | loss %.4f | accuracy %.4f | perplexity %.2f | %d tokens | %.1f s%s", self.step,
+                    result.loss, result.accuracy, result.perplexity, result.tokens, time.perf_counter() - started,
+                    "".join(f"\n  {name}: loss {m.loss:.4f} | accuracy {m.accuracy:.4f} | perplexity {m.perplexity:.2f} "
+                            f"| {m.tokens} tokens" for name, m in per_set.items()) if len(per_set) > 1 else "")
         self.metrics.write(record)
-        self._monitor([("Eval/loss", result.loss), ("Eval/accuracy", result.accuracy),
-                       ("Eval/perplexity", result.perplexity)])
+        events = [("Eval/loss", result.loss), ("Eval/accuracy", result.accuracy), ("Eval/perplexity", result.perplexity)]
+        for name, m in per_set.items():
+            events += [(f"Eval/loss/{name}", m.loss), (f"Eval/perplexity/{name}", m.perplexity)]
+        self._monitor(events)
         return result
 
-    def _log_train(self, interval: TokenMetrics, lr: float, grad_norm: float | None, seconds: float,
+    def _log_train(self, interval: torch.Tensor, lr: float, grad_norm: float | None, seconds: float,
                    steps: int) -> None:
+        per_corpus = {name: TokenMetrics.from_tensor(row) for name, row in zip(self.data.names, interval)}
+        total = total_metrics(per_corpus.values())
         tokens_per_second = steps * self.loader.global_batch_size * self.config.data.block_size / max(seconds, 1e-9)
         utilization = mfu(tokens_per_second / self.world_size, self.flops_per_token, self.peak_tflops)
         memory = peak_memory_gib()
-        record = {"step": self.step, "loss": interval.loss, "lr": lr, "grad_norm": grad_norm,
+        epochs = self.data.epochs(self.loader.consumed_samples)
+        record = {"step": self.step, "loss": total.loss, "lr": lr, "grad_norm": grad_norm,
                   "tokens_per_second": tokens_per_second, "mfu": None if math.isnan(utilization) else utilization,
-                  "memory_gib": memory, "consumed_samples": self.loader.consumed_samples, "epoch": self.loader.epoch}
-        logger.info("step %d/%d | loss %.4f | lr %.3e | grad_norm %s | tokens/s %s | mfu %s | mem %.2f GiB | epoch %.3f",
-                    self.step, self.total_steps, interval.loss, lr,
+                  "memory_gib": memory, "consumed_samples": self.loader.consumed_samples,
+                  "tokens_seen": self.loader.consumed_samples * self.config.data.block_size,
+                  "epoch": max(epochs.values()), "epochs": epochs,
+                  "corpora": {name: {"loss": m.loss, "tokens": m.tokens} for name, m in per_corpus.items()}}
+        corpora = "" if len(per_corpus) == 1 else " | " + " ".join(
+            f"{name} {m.loss:.3f}" if m.tokens else f"{name} -" for name, m in per_corpus.items())
+        logger.info("step %d/%d | loss %.4f%s | lr %.3e | grad_norm %s | tokens/s %s | mfu %s | mem %.2f GiB | epoch %s",
+                    self.step, self.total_steps, total.loss, corpora, lr,
                     f"{grad_norm:.4f}" if grad_norm is not None else "-", f"{tokens_per_second:,.0f}",
-                    "-" if math.isnan(utilization) else f"{100 * utilization:.1f}%", memory, self.loader.epoch)
+                    "-" if math.isnan(utilization) else f"{100 * utilization:.1f}%", memory,
+                    f"{max(epochs.values()):.3f}" if len(epochs) == 1 else self._epochs_text())
         self.metrics.write(record)
-        self._monitor([("Train/loss", interval.loss), ("Train/lr", lr), ("Train/tokens_per_second", tokens_per_second)])
+        events = [("Train/loss", total.loss), ("Train/lr", lr), ("Train/tokens_per_second", tokens_per_second)]
+        events += [(f"Train/loss/{name}", m.loss) for name, m in per_corpus.items() if m.tokens]
+        self._monitor(events)
 
     def _monitor(self, events: list[tuple[str, float]]) -> None:
         monitor = getattr(self.engine, "monitor", None)
@@ -458,3 +485,16 @@ def _saved_module_state(path: Path) -> dict[str, Any] | None:
         return None
     state = torch.load(file, map_location="cpu", weights_only=False)
     return state.get("module")
+
+
+def _blend_changes(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> str:
+    """What differs between two blend fingerprints, by component name."""
+    before, after = {c["name"]: c for c in old}, {c["name"]: c for c in new}
+    changes = [f"{name} added" for name in after if name not in before]
+    changes += [f"{name} removed" for name in before if name not in after]
+    for name in after.keys() & before.keys():
+        if before[name]["weight"] != after[name]["weight"]:
+            changes.append(f"{name} weight {before[name]['weight']} -> {after[name]['weight']}")
+        if before[name]["num_samples"] != after[name]["num_samples"]:
+            changes.append(f"{name} samples {before[name]['num_samples']} -> {after[name]['num_samples']}")
+    return ", ".join(sorted(changes)) or "component order"

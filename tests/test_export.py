@@ -8,6 +8,7 @@ logits, and tools/evaluate.py on it must reproduce the run's last eval_loss.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -115,16 +116,25 @@ def test_evaluate_reproduces_the_runs_last_eval_loss(assets, exported_runs, name
     assert result["eval_accuracy"] == pytest.approx(last["eval_accuracy"], abs=1e-9)
 
 
-def test_evaluate_on_two_ranks_equals_one_process(assets, exported_runs, tmp_path):
+def test_evaluate_on_two_ranks_equals_one_process_per_set(assets, exported_runs, tmp_path):
     final = exported_runs["zero2-full"] / "out" / "final"
-    args = ["--model", str(final), "--data", str(assets.corpus), "--block_size", "32", "--max_samples", "21",
-            "--batch_size", "2"]
+    args = ["--model", str(final), "--data", str(assets.corpus), "--data", f"other={assets.corpus_b}",
+            "--block_size", "32", "--max_samples", "21", "--batch_size", "2"]
     one, two = tmp_path / "one.json", tmp_path / "two.json"
-    launch([*args, "--output", str(one)], workdir=tmp_path, ranks=1, script=REPO / "tools" / "evaluate.py").check()
+    single = launch([*args, "--output", str(one)], workdir=tmp_path, ranks=1, script=REPO / "tools" / "evaluate.py").check()
     launch([*args, "--output", str(two)], workdir=tmp_path, ranks=2, script=REPO / "tools" / "evaluate.py").check()
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert (a["ranks"], b["ranks"]) == (1, 2)
+    assert list(a["sets"]) == ["corpus", "other"] and a["sets"]["corpus"]["samples"] == 21
+    assert a["sets"] == b["sets"]
     assert (a["eval_loss"], a["eval_accuracy"], a["eval_tokens"]) == (b["eval_loss"], b["eval_accuracy"], b["eval_tokens"])
+    # The total is the token-weighted mean of the sets, and each set has one row in the printed table.
+    sets = a["sets"].values()
+    assert a["eval_tokens"] == sum(s["eval_tokens"] for s in sets)
+    assert a["eval_loss"] == pytest.approx(sum(s["eval_loss"] * s["eval_tokens"] for s in sets) / a["eval_tokens"],
+                                           rel=1e-12)
+    for name in ("corpus", "other", "total"):
+        assert re.search(rf"^{name}\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d,]+$", single.output, re.M), single.output[-2000:]
 
 
 def test_export_refuses_incomplete_checkpoints_and_existing_outputs(exported_runs, tmp_path):

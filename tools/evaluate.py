@@ -1,7 +1,10 @@
-"""Evaluate a Hugging Face model folder on a token file: loss, next-token accuracy, perplexity.
+"""Evaluate a Hugging Face model folder on token files: loss, next-token accuracy, perplexity per set.
 
-    python tools/evaluate.py --model DIR --data PREFIX [--block_size 1024] [--max_samples N]
-    deepspeed --num_gpus 8 tools/evaluate.py --model DIR --data PREFIX      # several ranks
+    python tools/evaluate.py --model DIR --data [NAME=]PREFIX [--data [NAME=]PREFIX ...] [--block_size 1024]
+    deepspeed --num_gpus 8 tools/evaluate.py --model DIR --data zh=data/zh_valid --data en=data/en_valid
+
+Each ``--data`` is one set (named like train.py names eval_data_path sets); one row per set and the
+token-weighted total. ``--max_samples`` applies to each set.
 
 Uses the training code's samples and distributed metrics (all-reduced sums, never gathered logits),
 so on the same samples it reproduces the eval_loss that train.py logged. ``--model`` may be a full
@@ -18,13 +21,14 @@ from pathlib import Path
 
 import torch
 
+from cpt_ds.data.blend import parse_named_paths
 from cpt_ds.data.indexed import IndexedTokenFile, TokenFileError
 from cpt_ds.data.samples import PackedSamples, TokenStream
 from cpt_ds.data.sampler import eval_batches
 from cpt_ds.data.tokenizer import tokenizer_files, tokenizer_fingerprint
 from cpt_ds.distributed import device, exit_process, init_distributed, setup_logging
 from cpt_ds.export import load_exported_model
-from cpt_ds.metrics import evaluate
+from cpt_ds.metrics import evaluate_sets, total_metrics
 from cpt_ds.preflight import sidecar_tokenizer_fingerprint
 
 logger = logging.getLogger("cpt_ds.evaluate")
@@ -34,7 +38,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="Hugging Face model folder or peft adapter folder")
-    parser.add_argument("--data", required=True, nargs="+", help="token-file prefixes, read back to back")
+    parser.add_argument("--data", required=True, action="append",
+                        help="one evaluation set: PREFIX or NAME=PREFIX (repeat the flag for several sets)")
     parser.add_argument("--block_size", type=int, default=1024)
     parser.add_argument("--batch_size", type=int, default=4, help="samples per forward per rank")
     parser.add_argument("--max_samples", type=int, default=None)
@@ -46,11 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     rank, world_size, _ = init_distributed()
     setup_logging(rank)
     folder = Path(args.model)
+    named, problems = parse_named_paths(args.data, "--data")
+    if problems:
+        print(f"error: {'; '.join(problems)}", file=sys.stderr)
+        return 2
     try:
-        files = [IndexedTokenFile(prefix) for prefix in args.data]
+        sets = {name: IndexedTokenFile(prefix) for name, prefix in named}
     except TokenFileError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    files = list(sets.values())
     if not folder.is_dir():
         print(f"error: --model {folder} does not exist", file=sys.stderr)
         return 2
@@ -62,18 +72,26 @@ def main(argv: list[str] | None = None) -> int:
                   f"tokenizer {fingerprint[:12]}; evaluate on a file packed with the model's tokenizer",
                   file=sys.stderr)
             return 2
-    samples = PackedSamples(TokenStream.whole(files), args.block_size, args.max_samples)
-    if len(samples) == 0:
-        print(f"error: the data holds fewer than block_size {args.block_size} + 1 tokens", file=sys.stderr)
+    samples = {name: PackedSamples(TokenStream.whole([file]), args.block_size, args.max_samples)
+               for name, file in sets.items()}
+    small = [f"{name} ({sets[name].bin_path})" for name, part in samples.items() if len(part) == 0]
+    if small:
+        print(f"error: {', '.join(small)} hold fewer than block_size {args.block_size} + 1 tokens", file=sys.stderr)
         return 2
     model = load_exported_model(folder, dtype=DTYPES[args.dtype]).to(device())
-    result = evaluate(model, eval_batches(samples, micro_batch_size=args.batch_size, dp_rank=rank,
-                                          dp_world_size=world_size))
-    record = {"model": str(folder), "data": args.data, "block_size": args.block_size, "samples": len(samples),
+    per_set = evaluate_sets(model, {name: eval_batches(part, micro_batch_size=args.batch_size, dp_rank=rank,
+                                                       dp_world_size=world_size) for name, part in samples.items()})
+    result = total_metrics(per_set.values())
+    record = {"model": str(folder), "data": args.data, "block_size": args.block_size,
+              "samples": sum(len(part) for part in samples.values()),
               "eval_loss": result.loss, "eval_accuracy": result.accuracy, "perplexity": result.perplexity,
-              "eval_tokens": result.tokens, "ranks": world_size}
+              "eval_tokens": result.tokens, "ranks": world_size,
+              "sets": {name: {"eval_loss": m.loss, "eval_accuracy": m.accuracy, "perplexity": m.perplexity,
+                              "eval_tokens": m.tokens, "samples": len(samples[name])} for name, m in per_set.items()}}
     if rank == 0:
-        print(json.dumps(record, indent=2))
+        print(f"{'set':24} {'loss':>8} {'accuracy':>9} {'perplexity':>11} {'tokens':>10}")
+        for name, m in [*per_set.items(), ("total", result)]:
+            print(f"{name:24} {m.loss:8.4f} {m.accuracy:9.4f} {m.perplexity:11.2f} {m.tokens:10,}")
         if args.output:
             Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
     return 0

@@ -26,20 +26,25 @@ IGNORE_INDEX = -100
 
 
 class SampleOrder:
-    """Global position -> sample id, reshuffled each epoch from ``seed`` alone."""
+    """Global position -> sample id, reshuffled each epoch from ``seed`` alone.
 
-    def __init__(self, num_samples: int, seed: int, shuffle: bool = True):
+    ``stream`` > 0 gives a blend component its own independent sequence of permutations.
+    """
+
+    def __init__(self, num_samples: int, seed: int, shuffle: bool = True, stream: int = 0):
         assert num_samples > 0
         self.num_samples = num_samples
         self.seed = seed
         self.shuffle = shuffle
+        self.stream = stream
         self._cached_epoch = -1
         self._cached_permutation = np.zeros(0, dtype=np.int64)
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._cached_epoch:
             if self.shuffle:
-                self._cached_permutation = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+                key = [self.seed, epoch] if self.stream == 0 else [self.seed, 0xB1E4D, self.stream, epoch]
+                self._cached_permutation = np.random.default_rng(key).permutation(self.num_samples)
             else:
                 self._cached_permutation = np.arange(self.num_samples, dtype=np.int64)
             self._cached_epoch = epoch
@@ -73,7 +78,10 @@ class TrainLoader:
         dp_rank: int,
         dp_world_size: int,
         seed: int,
+        order: Any = None,
     ):
+        """``order`` maps global positions to sample ids (``ids(start, stop)``); default: one seeded
+        permutation of ``samples`` per epoch."""
         if len(samples) == 0:
             raise ValueError("the training data holds no complete sample: pack more text or lower block_size")
         self.samples = samples
@@ -81,7 +89,8 @@ class TrainLoader:
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.dp_rank = dp_rank
         self.dp_world_size = dp_world_size
-        self.order = SampleOrder(len(samples), seed)
+        self.seed = seed
+        self.order = order if order is not None else SampleOrder(len(samples), seed)
         self.consumed_samples = 0
 
     @property
@@ -109,15 +118,15 @@ class TrainLoader:
 
     def state_dict(self) -> dict[str, Any]:
         return {"consumed_samples": self.consumed_samples, "num_samples": len(self.samples),
-                "seed": self.order.seed, "block_size": self.samples.block_size}
+                "seed": self.seed, "block_size": self.samples.block_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         problems = []
         if state["num_samples"] != len(self.samples):
             problems.append(f"the checkpoint's data had {state['num_samples']} training samples, now "
                             f"{len(self.samples)} (data_path, block_size, max_train_samples or the split changed)")
-        if state["seed"] != self.order.seed:
-            problems.append(f"seed was {state['seed']}, now {self.order.seed} (it fixes the data order)")
+        if state["seed"] != self.seed:
+            problems.append(f"seed was {state['seed']}, now {self.seed} (it fixes the data order)")
         if state["block_size"] != self.samples.block_size:
             problems.append(f"block_size was {state['block_size']}, now {self.samples.block_size}")
         if problems:
@@ -144,7 +153,7 @@ def eval_batches(
             if index < num_samples:
                 batch.append(samples[index])
             else:
-                filler = samples[0]
-                batch.append({"input_ids": filler["input_ids"],
-                              "labels": np.full_like(filler["labels"], IGNORE_INDEX)})
+                filler = dict(samples[0])
+                filler["labels"] = np.full_like(filler["labels"], IGNORE_INDEX)
+                batch.append(filler)
         yield collate(batch)

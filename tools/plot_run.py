@@ -1,0 +1,132 @@
+"""Plot a run's metrics.jsonl as one PNG: training loss (global and per corpus), eval loss per set,
+learning rate and tokens/s, against the step and against the tokens seen.
+
+    python tools/plot_run.py OUTPUT_DIR [--output FILE.png]      (default OUTPUT_DIR/metrics.png)
+
+Works on a run in progress and on resumed runs: a step logged twice (a run that died after logging
+and was resumed from an earlier checkpoint) is drawn once, from its newest record. Needs matplotlib
+(pip install 'cpt-ds[plot]').
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def read_records(metrics: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(training records, eval records)`` in step order, one per step (the newest wins)."""
+    train: dict[int, dict[str, Any]] = {}
+    evals: dict[int, dict[str, Any]] = {}
+    lines = metrics.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                continue  # the last line of a run in progress may be half-written
+            raise ValueError(f"{metrics}:{number}: not a JSON record; is this a cpt-ds metrics.jsonl?") from None
+        if "eval_loss" in record:
+            evals[record["step"]] = record
+        elif "loss" in record:
+            train[record["step"]] = record
+    return [train[step] for step in sorted(train)], [evals[step] for step in sorted(evals)]
+
+
+def tokens_seen_at(train: list[dict[str, Any]], step: int) -> float | None:
+    """Tokens seen after ``step``, from the training records (linear between logged steps)."""
+    points = [(r["step"], r["tokens_seen"]) for r in train if "tokens_seen" in r]
+    if not points:
+        return None
+    if step <= points[0][0]:
+        return points[0][1] * step / points[0][0] if points[0][0] else 0.0
+    for (s0, t0), (s1, t1) in zip(points, points[1:]):
+        if s0 <= step <= s1:
+            return t0 + (t1 - t0) * (step - s0) / (s1 - s0)
+    last_step, last_tokens = points[-1]
+    return last_tokens * step / last_step
+
+
+def plot_run(output_dir: Path, output: Path):
+    """Write the PNG; returns the matplotlib figure (its axes carry one labelled line per curve)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("plot_run needs matplotlib: pip install 'cpt-ds[plot]'") from None
+    metrics = output_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise SystemExit(f"error: {metrics} not found; pass the output_dir of a train.py run")
+    train, evals = read_records(metrics)
+    if not train and not evals:
+        raise SystemExit(f"error: {metrics} holds no training or eval records yet")
+
+    figure, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    (loss_step, eval_step, lr_axis), (loss_tokens, eval_tokens, speed_axis) = axes
+    steps = [r["step"] for r in train]
+    tokens = [r.get("tokens_seen") for r in train]
+    has_tokens = bool(train) and all(value is not None for value in tokens)
+    corpora = sorted({name for r in train for name in r.get("corpora", {})})
+    for axis, xs in ((loss_step, steps), (loss_tokens, tokens if has_tokens else None)):
+        if xs is None:
+            continue
+        axis.plot(xs, [r["loss"] for r in train], label="all", color="black", linewidth=1.6)
+        if len(corpora) > 1:
+            for name in corpora:
+                points = [(x, r["corpora"][name]["loss"]) for x, r in zip(xs, train)
+                          if r.get("corpora", {}).get(name, {}).get("tokens")]
+                axis.plot([p[0] for p in points], [p[1] for p in points], label=name, linewidth=1.0)
+    sets = sorted({name for r in evals for name in r.get("sets", {})})
+    eval_x_tokens = [tokens_seen_at(train, r["step"]) for r in evals]
+    for axis, xs in ((eval_step, [r["step"] for r in evals]),
+                     (eval_tokens, eval_x_tokens if all(x is not None for x in eval_x_tokens) else None)):
+        if xs is None or not evals:
+            continue
+        for name in sets or ["all"]:
+            points = [(x, r["sets"][name]["eval_loss"] if sets else r["eval_loss"]) for x, r in zip(xs, evals)
+                      if not sets or name in r.get("sets", {})]
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=name)
+    lr_axis.plot(steps, [r["lr"] for r in train], label="learning rate", color="tab:purple")
+    speed_axis.plot(steps, [r["tokens_per_second"] for r in train], label="tokens/s", color="tab:green")
+    titles = {loss_step: ("training loss", "step"), loss_tokens: ("training loss", "tokens seen"),
+              eval_step: ("eval loss per set", "step"), eval_tokens: ("eval loss per set", "tokens seen"),
+              lr_axis: ("learning rate", "step"), speed_axis: ("tokens/s", "step")}
+    for axis, (title, xlabel) in titles.items():
+        axis.set_title(title)
+        axis.set_xlabel(xlabel)
+        axis.grid(alpha=0.3)
+        if axis.get_lines():
+            axis.legend(fontsize=8)
+    figure.suptitle(str(output_dir))
+    figure.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = output.with_name(output.name + ".tmp.png")
+    figure.savefig(temporary, dpi=90)
+    temporary.replace(output)
+    return figure
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("output_dir", type=Path, help="a train.py output_dir (holds metrics.jsonl)")
+    parser.add_argument("--output", type=Path, default=None, help="PNG to write (default OUTPUT_DIR/metrics.png)")
+    args = parser.parse_args(argv)
+    output = args.output or args.output_dir / "metrics.png"
+    try:
+        plot_run(args.output_dir, output)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
