@@ -12,7 +12,7 @@ import pytest
 
 from cpt_ds.data.tiny_tokenizer import train_tokenizer
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "cpt_ds" / "assets"
 REPO = Path(__file__).resolve().parents[1]
 # The real LLaMA-3 tokenizer sits in shared/ next to the repository; tests using it are optional extras.
 LLAMA3_TOKENIZER = REPO.parent / "shared" / "llama3-tokenizer"
@@ -39,7 +39,7 @@ EDGE_CASES = [
 
 
 def chinese_documents() -> list[str]:
-    """55 real Chinese documents (classics and modern sentences), see tests/assets/README.md."""
+    """55 real Chinese documents (classics and modern sentences), see cpt_ds/assets/README.md."""
     lines = (ASSETS / "zh_sample.jsonl").read_text(encoding="utf-8").splitlines()
     return [json.loads(line)["text"] for line in lines]
 

@@ -25,15 +25,24 @@ def test_simulated_two_node_job_on_loopback(assets, tmp_path):
     assert {p.name for p in (out / "step-00000004").glob("rng_state_*.pt")} == {"rng_state_0.pt", "rng_state_1.pt"}
 
 
-def test_quickstart_learns(tmp_path):
-    """The README's main job: corpus -> tokenizer -> pack -> ZeRO-2 on 2 ranks -> before/after table."""
+def test_quickstart_shows_continued_pretraining(tmp_path):
+    """The README's main job: corpora -> tokenizer -> pack -> English base model -> CPT on a zh/en replay
+    blend, 2 ranks, fp32 on CPU; Chinese falls, English holds, per-set table and plot (fewer steps here)."""
     done = subprocess.run([sys.executable, "-m", "cpt_ds.quickstart", "--workdir", str(tmp_path / "qs"),
-                           "--master_port", str(free_port())], cwd=REPO, env=launch_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+                           "--pretrain_steps", "60", "--cpt_steps", "45", "--master_port", str(free_port())],
+                          cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=900)
     assert done.returncode == 0, done.stdout[-5000:]
-    table = {m.group(1): float(m.group(2)) for m in re.finditer(r"^\s+(before|after)\s+[\d.]+\s+[\d.]+\s+([\d.]+)$",
-                                                                  done.stdout, re.M)}
-    assert table["after"] < table["before"] / 4, done.stdout[-2000:]
-    evals = eval_records(tmp_path / "qs" / "run")
-    assert evals[0]["step"] == 0 and evals[-1]["step"] == 300
-    assert (tmp_path / "qs" / "run" / "final" / "model.safetensors").is_file()
+    assert "precision fp32 (ds_configs/zero2_fp32.json)" in done.stdout
+    table = {m.group(1): [float(v) for v in m.groups()[1:]] for m in re.finditer(
+        r"^\s+(before \(base\)|after CPT)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", done.stdout, re.M)}
+    zh_before, zh_after = table["before (base)"][1], table["after CPT"][1]
+    en_before, en_after = table["before (base)"][2], table["after CPT"][2]
+    assert zh_after < zh_before / 2, done.stdout[-2000:]
+    assert en_after < en_before + 0.25, done.stdout[-2000:]  # replay holds English
+    evals = eval_records(tmp_path / "qs" / "cpt")
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 45 and set(evals[-1]["sets"]) == {"zh", "en"}
+    trained = [r for r in metrics(tmp_path / "qs" / "cpt") if "loss" in r]
+    assert set(trained[-1]["corpora"]) == {"zh", "en"}
+    assert (tmp_path / "qs" / "cpt" / "final" / "model.safetensors").is_file()
+    assert (tmp_path / "qs" / "cpt" / "metrics.png").stat().st_size > 10_000
