@@ -59,7 +59,7 @@ from cpt_ds.data.sources import (
 )
 from cpt_ds.data.tokenizer import (
     TOKENIZER_FILE_NAMES, VOCAB_EXTENSION_FILE, TokenizerError, _read_json_file, byte_level_alphabet,
-    merges_refusal, tokenizer_files, tokenizer_fingerprint,
+    cached_merges_refusal, tokenizer_files, tokenizer_fingerprint,
 )
 
 logger = logging.getLogger(__name__)
@@ -125,6 +125,18 @@ class BaseTokenizer:
     num_ids: int
     """``len(tokenizer)``: distinct vocabulary and added-token texts (LLaMA-3: 128,256)."""
     first_new_id: int
+    json_text: str
+    json_sha256: str
+    _hf: Any = None
+
+    @property
+    def hf(self) -> Any:
+        """The base ``tokenizers.Tokenizer`` (built once: ~0.6 s for LLaMA-3)."""
+        if self._hf is None:
+            from tokenizers import Tokenizer
+
+            self._hf = Tokenizer.from_str(self.json_text)
+        return self._hf
 
 
 def read_base_tokenizer(folder: str | os.PathLike) -> BaseTokenizer:
@@ -138,7 +150,7 @@ def read_base_tokenizer(folder: str | os.PathLike) -> BaseTokenizer:
     if not path.is_file():
         raise VocabExtensionError(f"tokenizer folder {folder} has no tokenizer.json; only byte-level BPE "
                                   "tokenizers (LLaMA-3, GPT-2 style) can be extended")
-    _, _, spec = _read_json_file(path)
+    data, json_text, spec = _read_json_file(path)
     model = spec.get("model") or {}
     problems = []
     if model.get("type") != "BPE":
@@ -170,10 +182,13 @@ def read_base_tokenizer(folder: str | os.PathLike) -> BaseTokenizer:
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in raw_merges]
     added = {token["content"]: token["id"] for token in spec.get("added_tokens", [])}
     all_ids = list(vocab.values()) + list(added.values())
-    form: MergeForm = "tiktoken" if merges_refusal(vocab, merges) is None else "ranked"
+    json_sha256 = hashlib.sha256(data).hexdigest()
+    # Cached per tokenizer.json like the packer's verdict (~0.5 s for LLaMA-3).
+    form: MergeForm = "tiktoken" if cached_merges_refusal(vocab, merges, json_sha256) is None else "ranked"
     return BaseTokenizer(folder=folder, spec=spec, fingerprint=tokenizer_fingerprint(folder), merge_form=form,
                          vocab=vocab, merges=merges, merges_as_strings=merges_as_strings, added=added,
-                         num_ids=len(vocab.keys() | added.keys()), first_new_id=max(all_ids) + 1)
+                         num_ids=len(vocab.keys() | added.keys()), first_new_id=max(all_ids) + 1,
+                         json_text=json_text, json_sha256=json_sha256)
 
 
 def _has_byte_level_step(pre_tokenizer: dict[str, Any] | None) -> bool:
@@ -285,8 +300,11 @@ def _count_chunk(chunk: RawChunk) -> PieceCounts:
 
 
 def count_pieces(inputs: Sequence[str | os.PathLike], tokenizer_json: str, options: ExtendOptions, *,
-                 workers: int = 1, progress: bool = False) -> PieceCounts:
-    """Read every document of ``inputs`` once and count its pre-tokenizer pieces."""
+                 workers: int = 1, progress: bool = False, pre_tokenizer: Any = None) -> PieceCounts:
+    """Read every document of ``inputs`` once and count its pre-tokenizer pieces.
+
+    ``pre_tokenizer``: the pre-tokenizer of ``tokenizer_json``, built already, for ``workers`` 1.
+    """
     from cpt_ds.data.packing import worker_start_method
 
     sources = discover_inputs(inputs)
@@ -296,7 +314,7 @@ def count_pieces(inputs: Sequence[str | os.PathLike], tokenizer_json: str, optio
         chunks = (chunk for index, source in enumerate(sources)
                   for chunk in iter_raw_chunks(index, source, txt_unit=options.txt_unit, json_key=options.json_key,
                                                chunk_bytes=CHUNK_BYTES))
-        for counts in _map_in_order(chunks, tokenizer_json, options, workers, worker_start_method()):
+        for counts in _map_in_order(chunks, tokenizer_json, options, workers, worker_start_method(), pre_tokenizer):
             total.add(counts)
             if bar is not None:
                 bar.update(counts.num_raw_bytes)
@@ -307,9 +325,13 @@ def count_pieces(inputs: Sequence[str | os.PathLike], tokenizer_json: str, optio
 
 
 def _map_in_order(chunks: Iterable[RawChunk], tokenizer_json: str, options: ExtendOptions, workers: int,
-                  start_method: str) -> Iterator[PieceCounts]:
+                  start_method: str, pre_tokenizer: Any) -> Iterator[PieceCounts]:
+    global _pre_tokenizer, _worker_options
     if workers <= 1:
-        _init_counter(tokenizer_json, options)
+        if pre_tokenizer is None:
+            _init_counter(tokenizer_json, options)
+        else:
+            _pre_tokenizer, _worker_options = pre_tokenizer, options
         yield from map(_count_chunk, chunks)
         return
     from collections import deque
@@ -402,9 +424,7 @@ class BpeContinuation:
 
     def load_pieces(self, counts: Counter[str], *, progress: bool = False) -> None:
         """Start from the base tokenizer's tokenization of each distinct piece."""
-        from tokenizers import Tokenizer
-
-        model = Tokenizer.from_str(json.dumps(self.base.spec)).model
+        model = self.base.hf.model
         bar = _bar(len(counts), "encoding pieces", "piece", progress)
         for piece, count in sorted(counts.items()):
             ids = [token.id for token in model.tokenize(piece)]
@@ -560,7 +580,7 @@ def extended_spec(base: BaseTokenizer, bpe: BpeContinuation) -> dict[str, Any]:
     for content, token_id in base.added.items():
         vocab.setdefault(content, token_id)
     vocab = dict(sorted(vocab.items(), key=lambda item: item[1]))
-    spec = json.loads(json.dumps(base.spec))  # a deep copy
+    spec = json.loads(base.json_text)  # a copy
     spec["model"]["vocab"] = vocab
     spec["model"]["merges"] = [f"{l} {r}" for l, r in merges] if base.merges_as_strings else [[l, r] for l, r in merges]
     return spec
@@ -570,12 +590,8 @@ def _piece_lengths(model: Any, counts: Counter[str]) -> int:
     return sum(count * len(model.tokenize(piece)) for piece, count in counts.items())
 
 
-def measure(base_spec: dict[str, Any], new_spec: dict[str, Any], counts: PieceCounts) -> dict[str, Any]:
+def measure(before_model: Any, after_model: Any, counts: PieceCounts) -> dict[str, Any]:
     """Tokens per character of the held-out documents before and after (exact: BPE works piece by piece)."""
-    from tokenizers import Tokenizer
-
-    before_model = Tokenizer.from_str(json.dumps(base_spec)).model
-    after_model = Tokenizer.from_str(json.dumps(new_spec)).model
     result: dict[str, Any] = {}
     for name, pieces, num_documents, num_chars in (
             ("all", counts.eval_all, counts.num_eval_documents, counts.num_eval_chars),
@@ -631,7 +647,8 @@ def extend_vocabulary(tokenizer: str | os.PathLike, inputs: Sequence[str | os.Pa
                                   "(nothing is overwritten)")
     base = read_base_tokenizer(tokenizer)
     try:
-        counts = count_pieces(inputs, json.dumps(base.spec), options, workers=workers, progress=progress)
+        counts = count_pieces(inputs, base.json_text, options, workers=workers, progress=progress,
+                              pre_tokenizer=base.hf.pre_tokenizer)
     except PackError as error:
         raise VocabExtensionError(str(error)) from None
     if counts.num_train_documents == 0:
@@ -648,10 +665,11 @@ def extend_vocabulary(tokenizer: str | os.PathLike, inputs: Sequence[str | os.Pa
         logger.warning("learned %d of %d tokens: no other pair occurs --min-frequency %d times",
                        len(bpe.new_ids), options.num_new_tokens, options.min_frequency)
     spec = extended_spec(base, bpe)
+    spec_text = json.dumps(spec, ensure_ascii=False, indent=2) + "\n"
 
     from tokenizers import Tokenizer
 
-    base_model = Tokenizer.from_str(json.dumps(base.spec)).model
+    base_model = base.hf.model
     new_tokens = [{"id": token_id, "token": bpe.token_of[token_id],
                    "text": token_bytes(bpe.token_of[token_id]).decode("utf-8", "replace"),  # type: ignore[arg-type]
                    "sub_token_ids": [t.id for t in base_model.tokenize(bpe.token_of[token_id])]}
@@ -666,7 +684,8 @@ def extend_vocabulary(tokenizer: str | os.PathLike, inputs: Sequence[str | os.Pa
 
     from cpt_ds.data.tokenizer import plan_fast_encoder
 
-    plan, reason = plan_fast_encoder(spec)
+    # Under the sha256 of the file written, so the packer finds this verdict in its cache.
+    plan, reason = plan_fast_encoder(spec, json_sha256=hashlib.sha256(spec_text.encode("utf-8")).hexdigest())
     fast = "tiktoken" if plan is not None else f"none ({reason})"
     base_info = {"path": str(base.folder), "fingerprint": base.fingerprint, "num_ids": base.num_ids,
                  "merge_form": base.merge_form}
@@ -678,15 +697,14 @@ def extend_vocabulary(tokenizer: str | os.PathLike, inputs: Sequence[str | os.Pa
               "options": asdict(options), "fast_encoder": fast,
               "train": {"num_documents": counts.num_train_documents, "num_chars": counts.num_train_chars,
                         "num_distinct_pieces": len(counts.train), "num_empty_skipped": counts.num_empty},
-              "eval": measure(base.spec, spec, counts), "top_new_tokens": top}
+              "eval": measure(base_model, Tokenizer.from_str(spec_text).model, counts), "top_new_tokens": top}
 
     temporary = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     if temporary.exists():
         shutil.rmtree(temporary)
     temporary.mkdir(parents=True)
     try:
-        (temporary / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False, indent=2) + "\n",
-                                                  encoding="utf-8")
+        (temporary / "tokenizer.json").write_text(spec_text, encoding="utf-8")
         for name in COPIED_FILES:
             if (base.folder / name).is_file():
                 shutil.copy2(base.folder / name, temporary / name)
