@@ -85,7 +85,7 @@ class ExtendOptions:
     min_frequency: int = 2
     """A pair seen fewer times in the training documents is never made a token."""
     eval_fraction: float = 0.05
-    """Share of whole documents held out (by a hash of file and position) for the report."""
+    """Share of whole documents held out (by a hash of their text) for the report."""
     txt_unit: TxtUnit = "line"
     json_key: str = "text"
     encoding_errors: EncodingErrors = "strict"
@@ -231,11 +231,12 @@ def _is_cjk(char: str) -> bool:
             or 0x1100 <= code <= 0x11FF or 0x3130 <= code <= 0x318F or 0x31F0 <= code <= 0x31FF)
 
 
-def is_held_out(path: str, location: int, fraction: float) -> bool:
-    """Whether the document at ``location`` of ``path`` is held out: a hash, so chunking and workers do not matter."""
+def is_held_out(text: str, fraction: float) -> bool:
+    """Whether document ``text`` is held out: by a hash of its text, so neither chunking, workers, file
+    names nor order matter, and copies of one document always fall on the same side."""
     if fraction <= 0:
         return False
-    digest = hashlib.blake2b(f"{path}\0{location}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "little") < fraction * 2**64
 
 
@@ -282,9 +283,9 @@ def _count_chunk(chunk: RawChunk) -> PieceCounts:
     documents = chunk_documents(chunk, json_key=options.json_key, encoding_errors=options.encoding_errors)
     counts = PieceCounts(num_empty=documents.num_empty, num_raw_bytes=chunk.num_raw_bytes)
     split = _pre_tokenizer.pre_tokenize_str
-    for text, location in zip(documents.texts, documents.locations, strict=True):
+    for text in documents.texts:
         pieces = [piece for piece, _ in split(text)]
-        if is_held_out(chunk.path, location, options.eval_fraction):
+        if is_held_out(text, options.eval_fraction):
             counts.num_eval_documents += 1
             counts.num_eval_chars += len(text)
             counts.eval_all.update(pieces)
@@ -400,13 +401,8 @@ class BpeContinuation:
 
     # ---- pieces ----------------------------------------------------------------------------------
 
-    def encode_piece(self, piece: str) -> list[int]:
-        """Ids of a byte-level piece under the current rules (``ignore_merges``: a whole token is taken whole)."""
-        if self.base.spec["model"].get("ignore_merges") and piece in self.id_of:
-            return [self.id_of[piece]]
-        return self.settle([self.id_of[c] for c in piece], piece)
-
     def settle(self, ids: list[int], piece: str) -> list[int]:
+        """Apply the lowest-priority rule (leftmost on ties) until none applies; a whole token is taken whole."""
         rules = self.rules
         while len(ids) > 1:
             best: tuple[int, int, int] | None = None
@@ -493,6 +489,8 @@ class BpeContinuation:
 
     def _add_token(self, text: str, pair: tuple[int, int]) -> list[tuple[int, int]]:
         """Make ``text`` (the join of ``pair``) the next token; returns the id pairs of the rules added."""
+        if self.base.merge_form == "tiktoken":
+            self._affix_index()  # built before the new token joins the vocabulary, which indexes it itself
         token_id = self.base.first_new_id + len(self.new_ids)
         self.new_ids.append(token_id)
         self.token_of.append(text)
