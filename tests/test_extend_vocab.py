@@ -270,6 +270,7 @@ def test_llama3_extension_keeps_ids_and_the_fast_encoder(domain_file, tmp_path):
     assert result.report["first_new_id"] == 128_256 and result.report["fast_encoder"] == "tiktoken"
     info = read_tokenizer(out)
     assert info.vocab_size == 128_256 + 200 and (info.bos_id, info.eos_id) == (128_000, 128_001)
+    assert info.read_with == "tokenizer.json"  # still a plain folder: the packer reads it without transformers
     spec = select_encoder(info)
     assert spec.name == "tiktoken", spec.reason
     encoder, reference = spec.build()

@@ -644,6 +644,13 @@ def extend_vocabulary(tokenizer: str | os.PathLike, inputs: Sequence[str | os.Pa
         raise VocabExtensionError(f"output {output} exists already; choose a new --output folder "
                                   "(nothing is overwritten)")
     base = read_base_tokenizer(tokenizer)
+    for content in base.added:
+        # Special tokens join the BPE vocabulary (see ``extended_spec``); one that the pre-tokenizer
+        # leaves whole would then be taken whole from plain text (``ignore_merges``).
+        if [piece for piece, _ in base.hf.pre_tokenizer.pre_tokenize_str(content)] == [content]:
+            raise VocabExtensionError(f"special token {content!r} of {base.folder} is one whole pre-tokenizer "
+                                      "piece, so plain text could turn into it once it is in the vocabulary; "
+                                      "this tokenizer cannot be extended by tools/extend_vocab.py")
     try:
         counts = count_pieces(inputs, base.json_text, options, workers=workers, progress=progress,
                               pre_tokenizer=base.hf.pre_tokenizer)
