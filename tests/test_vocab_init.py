@@ -47,21 +47,28 @@ def base_weights(base: Path) -> dict[str, torch.Tensor]:
     return {"embed_tokens": disk["model.embed_tokens.weight"], "lm_head": disk["lm_head.weight"]}
 
 
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
-def test_new_rows_are_the_sub_token_means_on_two_ranks(assets, grown, tmp_path, stage):
+@pytest.mark.parametrize("stage, mode", [("zero2", "full"), ("zero3", "lora")])
+def test_new_rows_are_the_sub_token_means_on_two_ranks(assets, grown, tmp_path, stage, mode):
+    """ZeRO-2 full finetuning, and ZeRO-3 LoRA with embed_tokens,lm_head in modules_to_save: every copy
+    of the embeddings (peft's frozen original and its trained copy) starts at the sub-token means."""
     tokenizer, data, base = grown
-    config = run_config(assets, tmp_path / "out", model_name_or_path=str(base), tokenizer_name_or_path=str(tokenizer),
-                        data_path=[str(data)], deepspeed=str(assets.ds[stage]))
-    del config["config_name"]
+    overrides = {"tokenizer_name_or_path": str(tokenizer), "data_path": [str(data)],
+                 "deepspeed": str(assets.ds[stage])}
+    if mode == "full":
+        config = run_config(assets, tmp_path / "out", model_name_or_path=str(base), **overrides)
+        del config["config_name"]
+    else:
+        config = lora_config(assets, tmp_path / "out", model_name_or_path=str(base), **overrides)
     rows_path = tmp_path / "rows.pt"
     result = launch(["--config", str(write_config(config, tmp_path / "run.json")), "--rows", str(rows_path)],
                     workdir=tmp_path, script=DRIVERS / "embedding_rows.py").check()
     assert f"resized token embeddings from 512 to {512 + NUM_NEW} rows (new rows = mean of each new token's " \
            "sub-token rows" in result.output
     rows = torch.load(rows_path)
-    for name, old in base_weights(base).items():
-        assert rows[name].shape == (512 + NUM_NEW, old.shape[1])
-        assert torch.equal(rows[name], expected_rows(old, tokenizer)), name
+    expected = {name: expected_rows(old, tokenizer) for name, old in base_weights(base).items()}
+    assert len(rows) == (2 if mode == "full" else 4), sorted(rows)
+    for name, weight in rows.items():
+        assert torch.equal(weight, expected["embed_tokens" if "embed_tokens" in name else "lm_head"]), name
 
 
 def tiny_model(base: Path):

@@ -2,7 +2,7 @@
 
     deepspeed ... tests/drivers/embedding_rows.py --config RUN.json --rows ROWS.pt
 
-Rank 0 writes the whole input embedding and head (gathered under ZeRO-3) to ROWS.pt.
+Rank 0 writes every embedding and head weight by name (gathered under ZeRO-3) to ROWS.pt.
 """
 
 import sys
@@ -24,9 +24,11 @@ def main() -> int:
     trainer = Trainer(RunConfig.load(argv))
     module = trainer.engine.module
     rows = {}
-    for name, layer in (("embed_tokens", module.get_input_embeddings()), ("lm_head", module.get_output_embeddings())):
-        with deepspeed.zero.GatheredParameters([layer.weight]):
-            rows[name] = layer.weight.detach().cpu().clone()
+    # Full runs: embed_tokens / lm_head; LoRA runs: peft's frozen original_module and trained copies too.
+    for name, parameter in module.named_parameters():
+        if "embed_tokens" in name or "lm_head" in name:
+            with deepspeed.zero.GatheredParameters([parameter]):
+                rows[name] = parameter.detach().cpu().clone()
     if trainer.rank == 0:
         torch.save(rows, rows_path)
     trainer.close()
