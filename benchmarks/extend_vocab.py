@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import html
 import json
-import math
 import re
 import subprocess
 import sys

@@ -44,7 +44,6 @@ import logging
 import os
 import shutil
 import time
-import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -498,7 +497,9 @@ class BpeContinuation:
         if self.base.merge_form == "ranked":
             # Exactly the merge that was learned, ranked after every earlier one.
             self.rules[pair] = (self.num_rules + len(self.extra_merges), token_id)
-            self.extra_merges.append((self.token_of[pair[0]], self.token_of[pair[1]], token_id))  # type: ignore[arg-type]
+            left, right = self.token_of[pair[0]], self.token_of[pair[1]]
+            assert left is not None and right is not None
+            self.extra_merges.append((left, right, token_id))
             return [pair]
         added: list[tuple[str, str, int]] = []
         for cut in range(1, len(text)):
@@ -684,8 +685,9 @@ def extend_vocabulary(tokenizer: str | os.PathLike, inputs: Sequence[str | os.Pa
         for token_id in ids:
             if token_id >= base.first_new_id:
                 frequency[token_id] += count
+    ranked = sorted(frequency.items(), key=lambda item: (-item[1], item[0]))[:options.num_top_tokens]
     top = [{"id": token_id, "text": new_tokens[token_id - base.first_new_id]["text"], "count": count}
-           for token_id, count in sorted(frequency.items(), key=lambda item: (-item[1], item[0]))[:options.num_top_tokens]]
+           for token_id, count in ranked]
 
     from cpt_ds.data.tokenizer import plan_fast_encoder
 
