@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from cpt_ds.data.packing import default_workers  # noqa: E402
 from cpt_ds.data.sources import ENCODING_ERRORS, TXT_UNITS  # noqa: E402
 from cpt_ds.data.tokenizer import TokenizerError  # noqa: E402
 from cpt_ds.data.vocab_extension import ExtendOptions, VocabExtensionError, extend_vocabulary  # noqa: E402
@@ -37,7 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="a pair seen fewer times in the training documents never becomes a token")
     parser.add_argument("--eval-fraction", type=float, default=0.05,
                         help="share of whole documents held out for the before/after report")
-    parser.add_argument("--workers", type=int, default=1, help="processes that read and pre-tokenize the text")
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help="processes that read and pre-tokenize the text (all cores by default); the output "
+                             "does not depend on it")
     parser.add_argument("--txt-unit", choices=TXT_UNITS, default="line", help="what one document of a .txt file is")
     parser.add_argument("--json-key", default="text", help="text field of .jsonl / text column of .parquet")
     parser.add_argument("--encoding-errors", choices=ENCODING_ERRORS, default="strict",
