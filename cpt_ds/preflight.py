@@ -16,9 +16,8 @@ from cpt_ds.config import ConfigError, RunConfig
 from cpt_ds.data.indexed import IndexedTokenFile, TokenFileError
 from cpt_ds.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from cpt_ds.ds_config import DeepSpeedSettings, load_deepspeed_config
-from cpt_ds.model import (
-    attention_problems, dtype_problems, grown_vocabulary_problems, load_hf_config, quantization_problems,
-)
+from cpt_ds.model import attention_problems, dtype_problems, load_hf_config, quantization_problems
+from cpt_ds.model import grown_vocabulary_problems
 
 logger = logging.getLogger(__name__)
 
