@@ -90,7 +90,7 @@ def _load_trained_model(checkpoint: Path, *, dtype: torch.dtype) -> Any:
         raise CheckpointError(f"LoRA export needs the base model {base_path} recorded in {checkpoint}; "
                               "it no longer exists there: restore it or pass --base_model")
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
-    resize_embeddings(base, config.vocab_size)
+    resize_embeddings(base, config.vocab_size, tokenizer_path=checkpoint / "tokenizer", model_path=base_path)
     model = get_peft_model(base, LoraConfig.from_pretrained(checkpoint / "model"))
     state = trained_state_dict(checkpoint, exclude_frozen=True)
     expected = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
@@ -160,7 +160,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
 def load_exported_model(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> Any:
     """Load what ``export_checkpoint`` wrote: a full model folder, or a peft adapter on its base model.
 
-    For an adapter the base is grown to the tokenizer's size exactly as training did (new rows = mean),
+    For an adapter the base is grown to the tokenizer's size exactly as training did (same new rows),
     so the adapter's modules_to_save and the frozen rows line up.
     """
     from transformers import AutoModelForCausalLM
@@ -182,5 +182,5 @@ def load_exported_model(folder: str | os.PathLike, *, dtype: torch.dtype = torch
                               "set base_model_name_or_path in its adapter_config.json")
     with _local_construction():
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-        resize_embeddings(model, len(load_tokenizer(folder)))
+        resize_embeddings(model, len(load_tokenizer(folder)), tokenizer_path=folder, model_path=base)
         return PeftModel.from_pretrained(model, folder)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from cpt_ds.config import ModelConfig
+from cpt_ds.data.tokenizer import VOCAB_EXTENSION_FILE
 from cpt_ds.ds_config import DeepSpeedSettings
 
 logger = logging.getLogger(__name__)
@@ -126,7 +127,8 @@ def build_model(model_config: ModelConfig, ds: DeepSpeedSettings, *, vocab_size:
     else:
         module = AutoModelForCausalLM.from_config(load_hf_config(model_config), dtype=dtype, attn_implementation=attn)
 
-    resized_from = resize_embeddings(module, vocab_size)
+    resized_from = resize_embeddings(module, vocab_size, tokenizer_path=model_config.tokenizer_path,
+                                     model_path=model_config.model_name_or_path)
 
     if model_config.gradient_checkpointing:
         module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -151,17 +153,27 @@ def build_model(model_config: ModelConfig, ds: DeepSpeedSettings, *, vocab_size:
                       resized_from=resized_from)
 
 
-def resize_embeddings(module: nn.Module, vocab_size: int) -> int | None:
+def resize_embeddings(module: nn.Module, vocab_size: int, *, tokenizer_path: str | Path | None = None,
+                      model_path: str | Path | None = None) -> int | None:
     """Grow input embeddings (and an untied head) to ``vocab_size`` rows; returns the old size or None.
 
-    New rows are set to exactly the mean of the old rows, so a new token starts as an "average" token
-    rather than noise that spikes the loss, and export can rebuild the same rows deterministically
-    (transformers' mean_resizing samples them randomly around the mean instead).
+    When the tokenizer folder ``tokenizer_path`` was made by ``tools/extend_vocab.py`` from the
+    tokenizer this model was trained with, each new token's rows start as the mean of the rows of its
+    sub-tokens (its tokenization by the original tokenizer, recorded in
+    ``cpt_ds_vocab_extension.json``): the model reads and predicts it as what it spells, so training
+    starts without a loss spike. Every other new row (a vocabulary grown any other way, or the record
+    not matching this model) is exactly the mean of the old rows, so a new token starts as an
+    "average" token rather than noise; the log says which rule applied and why. Both rules are
+    deterministic, so export rebuilds the same rows (transformers' mean_resizing samples randomly).
+    ``model_path``: the model folder; tokenizer files there must be the record's original tokenizer.
+    Under ZeRO-3 rank 0 computes the rows on the gathered weights and DeepSpeed re-partitions them.
     """
     weight = module.get_input_embeddings().weight
     old_rows = int(getattr(weight, "ds_shape", weight.shape)[0])
     if vocab_size <= old_rows:
         return None
+    sub_tokens, reason = sub_token_rows(tokenizer_path, old_rows=old_rows, vocab_size=vocab_size,
+                                        model_path=model_path)
     module.resize_token_embeddings(vocab_size, mean_resizing=False)
     layers = [module.get_input_embeddings()]
     head = module.get_output_embeddings()
@@ -174,8 +186,82 @@ def resize_embeddings(module: nn.Module, vocab_size: int) -> int | None:
         with deepspeed.zero.GatheredParameters([parameter], modifier_rank=0), torch.no_grad():
             if parameter.numel() > 0:  # ZeRO-3: only the modifier rank sees the whole tensor
                 parameter[old_rows:] = parameter[:old_rows].float().mean(dim=0).to(parameter.dtype)
-    logger.info("resized token embeddings from %d to %d rows (new rows = mean of old)", old_rows, vocab_size)
+                for token_id, ids in sub_tokens.items():
+                    # float64 sum of a few rows, rounded once to the weight's dtype.
+                    parameter[token_id] = parameter[ids].double().mean(dim=0).to(parameter.dtype)
+    if sub_tokens:
+        rest = vocab_size - old_rows - len(sub_tokens)
+        logger.info("resized token embeddings from %d to %d rows (new rows = mean of each new token's sub-token "
+                    "rows, from %s%s)", old_rows, vocab_size, VOCAB_EXTENSION_FILE,
+                    f"; {rest} rows without a record = mean of old" if rest else "")
+    else:
+        logger.info("resized token embeddings from %d to %d rows (new rows = mean of old: %s)",
+                    old_rows, vocab_size, reason)
     return old_rows
+
+
+def sub_token_rows(tokenizer_path: str | Path | None, *, old_rows: int, vocab_size: int,
+                   model_path: str | Path | None = None) -> tuple[dict[int, list[int]], str]:
+    """``{new id: its sub-token ids}`` from the tokenizer's extension record, or ``({}, why not)``.
+
+    The record applies when it names exactly the model's rows as the original ids (the new ids
+    start at ``old_rows``) and, when ``model_path`` holds tokenizer files, those are the original
+    tokenizer (same fingerprint): then the sub-token ids index rows this model has learned.
+    """
+    from cpt_ds.data.tokenizer import tokenizer_files, tokenizer_fingerprint
+    from cpt_ds.data.vocab_extension import read_extension
+
+    if tokenizer_path is None:
+        return {}, "no tokenizer folder given"
+    record = read_extension(tokenizer_path)
+    if record is None:
+        return {}, (f"{tokenizer_path} has no {VOCAB_EXTENSION_FILE}, so the vocabulary was not grown by "
+                    "tools/extend_vocab.py")
+    base = record["base_tokenizer"]
+    if record["first_new_id"] != old_rows or base["num_ids"] != old_rows:
+        logger.warning("%s extends a tokenizer of %d ids (new ids from %d) but the model has %d embedding rows; "
+                       "new rows = mean of old", VOCAB_EXTENSION_FILE, base["num_ids"], record["first_new_id"],
+                       old_rows)
+        return {}, f"the record's original tokenizer has {base['num_ids']} ids, the model {old_rows} rows"
+    if model_path is not None and Path(model_path).is_dir():
+        try:
+            tokenizer_files(model_path)
+        except ValueError:
+            pass  # no tokenizer beside the weights: nothing to compare
+        else:
+            fingerprint = tokenizer_fingerprint(model_path)
+            if fingerprint != base["fingerprint"]:
+                logger.warning("the tokenizer in %s (fingerprint %s) is not the one %s was extended from (%s); "
+                               "new rows = mean of old", model_path, fingerprint[:12], tokenizer_path,
+                               base["fingerprint"][:12])
+                return {}, "the model's own tokenizer is not the record's original tokenizer"
+    rows = {}
+    for token in record["new_tokens"]:
+        token_id, ids = int(token["id"]), [int(i) for i in token["sub_token_ids"]]
+        assert old_rows <= token_id < vocab_size and ids and max(ids) < old_rows, token
+        rows[token_id] = ids
+    return rows, ""
+
+
+def grown_vocabulary_problems(model_config: ModelConfig, hf_config: Any, vocab_size: int) -> list[str]:
+    """LoRA on a grown vocabulary must train the embeddings in full, or the new rows stay at their init."""
+    if model_config.full_finetuning or vocab_size <= hf_config.vocab_size:
+        return []
+    needed = ["embed_tokens"] if getattr(hf_config, "tie_word_embeddings", False) else ["embed_tokens", "lm_head"]
+    saved = model_config.modules_to_save_list
+    source = "modules_to_save"
+    if model_config.peft_path is not None:
+        adapter = Path(model_config.peft_path) / "adapter_config.json"
+        if not adapter.is_file():
+            return []  # reported by preflight itself
+        saved = json.loads(adapter.read_text()).get("modules_to_save") or []
+        source = f"the adapter's modules_to_save ({adapter})"
+    missing = [name for name in needed if name not in saved]
+    if not missing:
+        return []
+    return [f"the tokenizer has {vocab_size} ids but the model {hf_config.vocab_size} rows: LoRA would leave the "
+            f"{vocab_size - hf_config.vocab_size} new rows untrained, as {source} lacks {','.join(missing)}; "
+            f"set modules_to_save {','.join(needed)} (or full_finetuning true)"]
 
 
 def disable_bnb_cpu_inference_repack(module: nn.Module) -> int:

@@ -20,6 +20,7 @@ from cpt_ds.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from cpt_ds.ds_config import DeepSpeedSettings, load_deepspeed_config
 from cpt_ds.hardware import slow_cpu_precision_warning
 from cpt_ds.model import attention_problems, dtype_problems, load_hf_config, quantization_problems
+from cpt_ds.model import grown_vocabulary_problems
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +139,7 @@ def preflight(config: RunConfig, *, world_size: int, rank: int = 0) -> Plan:
             problems.append(f"block_size {data_cfg.block_size} > the model's max_position_embeddings "
                             f"{max_positions}; lower block_size")
         vocab_size = max(hf_config.vocab_size, len(tokenizer) if tokenizer is not None else 0)
+        problems += grown_vocabulary_problems(model_cfg, hf_config, vocab_size)
         for file in train_files + eval_files:
             largest = (file.meta or {}).get("max_token_id")
             if largest is not None and largest >= vocab_size:

@@ -52,7 +52,11 @@ TOKENIZER_FILE_NAMES = (
     "merges.txt",
     "vocab.txt",
     "tokenizer.tiktoken",
+    # Written by tools/extend_vocab.py: the base tokenizer and each new token's sub-tokens, from which
+    # the model grows its embeddings (cpt_ds.model.resize_embeddings); part of the fingerprint.
+    "cpt_ds_vocab_extension.json",
 )
+VOCAB_EXTENSION_FILE = "cpt_ds_vocab_extension.json"
 
 # LLaMA-3's pre-tokenizer split regex (identical to tiktoken's cl100k_base pattern).
 LLAMA3_SPLIT_PATTERN = (
@@ -267,7 +271,9 @@ def plain_folder_refusal(folder: Path, parsed: dict[str, Any]) -> str | None:
     for required in ("tokenizer.json", "tokenizer_config.json"):
         if required not in names:
             return f"no {required}"
-    others = sorted(names - {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"})
+    # The vocabulary-extension record is read by cpt-ds only; AutoTokenizer ignores it.
+    others = sorted(names - {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                             VOCAB_EXTENSION_FILE})
     if others:
         return f"it also holds {', '.join(others)}"
     if (folder / "config.json").exists():
