@@ -184,10 +184,10 @@ class PartialPack:
 
     def _validate(self, state: dict[str, Any]) -> dict[str, Any] | None:
         """The state to resume from (possibly rolled back to a file start), or None to start over."""
-        old_key = state["key"]
-        changed = [name for name in sorted(set(old_key) | set(self.key)) if old_key.get(name) != self.key.get(name)]
+        old_key, new_key = _flat(state["key"]), _flat(self.key)
+        changed = [name for name in sorted(set(old_key) | set(new_key)) if old_key.get(name) != new_key.get(name)]
         if changed:
-            what = "; ".join(f"{name} {_short(old_key.get(name))} -> {_short(self.key.get(name))}" for name in changed)
+            what = "; ".join(f"{name} {_short(old_key.get(name))} -> {_short(new_key.get(name))}" for name in changed)
             logger.warning("discarding the partial pack in %s and starting over: changed since it was written: %s",
                            self.dir, what)
             return None
@@ -378,6 +378,17 @@ def _committed(state: dict[str, Any]) -> Committed:
     return Committed(num_tokens=state["num_tokens"], num_documents=state["num_documents"],
                      max_token_id=state["max_token_id"], position=Position(**state["position"]),
                      files=[list(f) for f in state["files"]])
+
+
+def _flat(key: dict[str, Any]) -> dict[str, Any]:
+    """``{"options": {"bos": ...}}`` -> ``{"options.bos": ...}``, so a message names the one option that changed."""
+    flat = {}
+    for name, value in key.items():
+        if isinstance(value, dict):
+            flat.update({f"{name}.{sub}": item for sub, item in value.items()})
+        else:
+            flat[name] = value
+    return flat
 
 
 def _short(value: Any) -> str:
