@@ -61,7 +61,7 @@ ENCODER_CHOICES: tuple[EncoderChoice, ...] = ("auto", "hf")
 
 DEFAULT_CHUNK_BYTES = 2 << 20
 # How often the resumable state is committed (fsync + a small JSON): a crash redoes at most this much work.
-DEFAULT_CHECKPOINT_SECONDS = 30.0
+DEFAULT_CHECKPOINT_SECONDS = 10.0
 MIN_CHUNK_BYTES = 1 << 10
 # Share of each chunk's text (at least one document) on which the fast encoder's ids are checked
 # against HF tokenizers while packing; HF being ~3x slower, this costs ~3% of the encoding time.
