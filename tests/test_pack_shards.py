@@ -36,7 +36,8 @@ def five_files(tmp_path_factory) -> Path:
     sizes = [30, 5, 5, 40, 15]
     start = 0
     for name, size in zip("abcde", sizes, strict=True):
-        write_jsonl(root / "in" / f"{name}.jsonl", [f"{name}{i}: {t}" for i, t in enumerate(texts[start : start + size])])
+        part = texts[start : start + size]
+        write_jsonl(root / "in" / f"{name}.jsonl", [f"{name}{i}: {t}" for i, t in enumerate(part)])
         start += size
     return root
 

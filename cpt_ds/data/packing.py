@@ -16,6 +16,11 @@ the main process reading the tokenizer (without transformers for a plain ``token
 see ``read_tokenizer``) and hashing the inputs; each worker then builds its encoders once, from a
 config file the main process writes when it knows them (a started pool takes no new arguments).
 
+Resumable: the output is written into ``PREFIX.partial/`` and committed every few seconds, so a
+killed or failed pack run again continues from its last commit and writes the same bytes
+(``cpt_ds/data/partial.py``). ``shard=(K, N)`` packs one of N parts of the inputs for N machines;
+``cpt_ds/data/merge.py`` joins token files.
+
 Each document is ``[BOS] + ids(text) + [EOS]``: EOS always (documents never run into each other
 unmarked), BOS by the ``bos`` policy. Special-token strings inside a text are encoded as plain text.
 """
