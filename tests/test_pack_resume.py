@@ -12,8 +12,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -191,3 +193,32 @@ def test_a_second_pack_on_the_same_output_is_refused(tmp_path, tiny_dir):
             pack_corpus([source], tiny_dir, tmp_path / "c", PackOptions(), workers=1)
     pack_corpus([source], tiny_dir, tmp_path / "c", PackOptions(), workers=1)
     assert IndexedTokenFile(tmp_path / "c").num_documents == 2 and not partial.exists()
+
+
+def test_workers_end_with_a_killed_packer(tmp_path, tiny_dir, corpus):
+    """A SIGKILLed (or OOM-killed) packer must not leave its worker processes behind."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           FAULT_ENV: "kill-after-chunk:3"}
+    process = subprocess.Popen([sys.executable, str(REPO / "tools" / "pack_corpus.py"), "--input", *corpus["inputs"],
+                                "--tokenizer", str(tiny_dir), "--output", str(tmp_path / "c"), "--workers", "2",
+                                "--chunk-kb", "1", "--no-progress"], env=env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert process.wait(timeout=120) == -9
+
+    def session_members() -> list[int]:
+        members = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and os.getsid(int(entry.name)) == process.pid:
+                    members.append(int(entry.name))
+            except (ProcessLookupError, PermissionError):
+                continue
+        return members
+
+    deadline = time.monotonic() + 10
+    while session_members() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = session_members()
+    for pid in left:  # do not leave them running when the check fails
+        os.kill(pid, signal.SIGKILL)
+    assert left == []

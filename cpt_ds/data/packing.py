@@ -31,6 +31,7 @@ import hashlib
 import logging
 import os
 import pickle
+import signal
 import sys
 import tempfile
 import threading
@@ -193,11 +194,27 @@ def worker_start_method() -> str:
     return "fork" if sys.platform.startswith("linux") and threading.active_count() == 1 else "spawn"
 
 
-def _init_worker(config_path: str) -> None:
+def _init_worker(config_path: str, parent_pid: int | None = None) -> None:
     global _state
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
     # One process per core already; tokenizers' own thread pool would only oversubscribe.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _state = _WorkerState(config_path)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Make this worker end when the packer dies (Linux): a SIGKILLed or OOM-killed packer would
+    otherwise leave its workers blocked on the task queue forever, holding memory next to the run
+    that resumes the pack."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the packer died before the call above
+        os._exit(1)
 
 
 def _start_worker(tokenizer_json: str | None) -> None:
@@ -506,7 +523,8 @@ class _Workers:
         self._config_dir = tempfile.TemporaryDirectory(prefix="cpt_ds_pack_")
         self._config_path = Path(self._config_dir.name) / "worker_config.pickle"
         self._executor = ProcessPoolExecutor(workers, mp_context=get_context(worker_start_method()),
-                                             initializer=_init_worker, initargs=(str(self._config_path),))
+                                             initializer=_init_worker,
+                                             initargs=(str(self._config_path), os.getpid()))
         tokenizer_json = Path(tokenizer) / "tokenizer.json" if tokenizer is not None else None
         early = str(tokenizer_json) if tokenizer_json is not None and tokenizer_json.is_file() else None
         for _ in range(workers):
