@@ -194,7 +194,9 @@ class PartialPack:
         old_inputs = state["inputs"]
         position = state["position"]
         started = position["done"] or position["byte"] > 0 or position["line"] is not None
-        consumed = len(old_inputs) if state["phase"] == "publishing" else position["file_index"] + started
+        # Publishing: every input was packed, and a file added since must not be left out.
+        consumed = (max(len(old_inputs), len(self.inputs)) if state["phase"] == "publishing"
+                    else position["file_index"] + started)
         for index in range(consumed):
             old = old_inputs[index] if index < len(old_inputs) else None
             new = self.inputs[index] if index < len(self.inputs) else None
@@ -284,14 +286,14 @@ class PartialPack:
         self._num_tokens += int(tokens.size)
         self._num_documents += int(lengths.size)
 
-    def commit(self, position: Position, files: list[list[int]], *, phase: str = "packing") -> None:
+    def commit(self, position: Position, files: list[list[int]]) -> None:
         """Make everything added so far durable and resumable from ``position``."""
         assert self._tokens is not None and self._lengths is not None
         for handle in (self._tokens, self._lengths):
             handle.flush()
             os.fsync(handle.fileno())
         state = {
-            "format": STATE_FORMAT, "version": STATE_VERSION, "phase": phase, "key": self.key, "inputs": self.inputs,
+            "format": STATE_FORMAT, "version": STATE_VERSION, "phase": "packing", "key": self.key, "inputs": self.inputs,
             "num_tokens": self._num_tokens, "num_documents": self._num_documents,
             "max_token_id": self._max_token_id, "position": asdict(position), "files": files,
         }
