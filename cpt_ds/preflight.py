@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from cpt_ds.config import ConfigError, RunConfig
-from cpt_ds.data.indexed import IndexedTokenFile, TokenFileError
+from cpt_ds.data.indexed import IndexedTokenFile, TokenFileError, resolve_token_prefixes
 from cpt_ds.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from cpt_ds.ds_config import DeepSpeedSettings, load_deepspeed_config
 from cpt_ds.hardware import slow_cpu_precision_warning
@@ -57,13 +57,21 @@ def sidecar_tokenizer_fingerprint(meta: dict[str, Any] | None) -> str | None:
     return tokenizer.get("fingerprint") if isinstance(tokenizer, dict) else None
 
 
-def _open_token_files(field_name: str, prefixes: list[str], problems: list[str]) -> list[IndexedTokenFile]:
+def _open_token_files(field_name: str, entries: list[str], problems: list[str]) -> list[IndexedTokenFile]:
+    """Every token file the entries name: a prefix, or a glob / folder of them (the shards of a
+    ``--shard K/N`` pack) read in sorted order; the files of all entries, flattened, in entry order."""
     files = []
-    for prefix in prefixes:
+    for entry in entries:
         try:
-            files.append(IndexedTokenFile(prefix))
+            prefixes = resolve_token_prefixes(entry)
         except TokenFileError as error:
             problems.append(f"{field_name}: {error}")
+            continue
+        for prefix in prefixes:
+            try:
+                files.append(IndexedTokenFile(prefix))
+            except TokenFileError as error:
+                problems.append(f"{field_name}: {error}")
     return files
 
 

@@ -469,8 +469,8 @@ def test_killed_pack_leaves_no_readable_output_and_rerun_succeeds(tmp_path, caps
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline and process.poll() is None:
-            partial = list(prefix.parent.glob("c.bin.tmp-*")) if prefix.parent.exists() else []
-            if partial and partial[0].stat().st_size > 0:
+            partial = prefix.parent / "c.partial" / "tokens.bin"
+            if partial.exists() and partial.stat().st_size > 0:
                 break
             time.sleep(0.005)
         assert process.poll() is None, "pack finished before it could be killed: " + process.stderr.read().decode()
@@ -480,7 +480,7 @@ def test_killed_pack_leaves_no_readable_output_and_rerun_succeeds(tmp_path, caps
         if process.poll() is None:
             process.kill()
         process.stderr.close()
-    assert [p.name for p in output_files(prefix)] == [f"c.bin.tmp-{process.pid}"]
+    assert [p.name for p in output_files(prefix)] == ["c.partial"]  # resumable state, no readable output
     with pytest.raises(TokenFileError, match="interrupted write|not found"):
         IndexedTokenFile(prefix)
 

@@ -3,8 +3,11 @@
 
     python tools/pack_corpus.py --input data/zh/ data/en/*.jsonl.zst --tokenizer TOKENIZER_DIR \\
         --output data/packed/corpus [--workers N] [--txt-unit line|paragraph|file] [--json-key text]
+        [--shard K/N] [--no-resume]
 
-See docs/packing.md for formats, defaults, the BOS/EOS policy and the sidecar.
+A killed or failed pack is continued by running the same command again (the partial state lives in
+PREFIX.partial/). See docs/packing.md for formats, defaults, the BOS/EOS policy and the sidecar, and
+docs/packing_at_scale.md for resume, shards, merging and Hugging Face datasets.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from cpt_ds.data.indexed import TokenFileError  # noqa: E402
 from cpt_ds.data.packing import (  # noqa: E402
-    BOS_POLICIES, DEFAULT_CHUNK_BYTES, ENCODER_CHOICES, PackError, PackOptions, default_workers, pack_corpus,
+    BOS_POLICIES, DEFAULT_CHECKPOINT_SECONDS, DEFAULT_CHUNK_BYTES, ENCODER_CHOICES, PackError, PackOptions,
+    default_workers, pack_corpus,
 )
-from cpt_ds.data.sources import ENCODING_ERRORS, TXT_UNITS  # noqa: E402
+from cpt_ds.data.sources import ENCODING_ERRORS, TXT_UNITS, parse_shard  # noqa: E402
 from cpt_ds.data.tokenizer import TokenizerError  # noqa: E402
 
 
@@ -30,7 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
                         help="files, folders (searched recursively) or globs; .txt, .jsonl or .parquet, each "
-                             "optionally .gz or .zst; all files are taken in sorted path order")
+                             "optionally .gz or .zst, .arrow files and datasets save_to_disk folders; all files "
+                             "are taken in sorted path order")
     parser.add_argument("--tokenizer", required=True, metavar="TOKENIZER_DIR",
                         help="Hugging Face tokenizer folder (tokenizer.json or sentencepiece tokenizer.model)")
     parser.add_argument("--output", required=True, metavar="PREFIX",
@@ -50,6 +55,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="auto = exact tiktoken encoder when the tokenizer allows it (checked against HF "
                              "tokenizers while packing), else HF tokenizers; hf = always HF tokenizers")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="discard the partial state of an interrupted pack (PREFIX.partial/) and start over")
+    parser.add_argument("--shard", metavar="K/N",
+                        help="pack only the K-th (1..N) of N byte-balanced parts of the sorted input files, into "
+                             "PREFIX-0000K-of-0000N; N jobs with K = 1..N pack the whole corpus, and a data_path "
+                             "entry PREFIX-* reads all parts in order")
+    parser.add_argument("--checkpoint-seconds", type=float, default=DEFAULT_CHECKPOINT_SECONDS,
+                        help="commit the resumable state at most this often (a crash redoes at most this much "
+                             "work); 0 = after every chunk")
     parser.add_argument("--chunk-kb", type=int, default=DEFAULT_CHUNK_BYTES >> 10,
                         help="work unit per worker task in KiB; changes speed and memory, never the output")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -62,14 +76,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = PackOptions(txt_unit=args.txt_unit, json_key=args.json_key, bos=args.bos,
                               encoding_errors=args.encoding_errors, encoder=args.encoder)
+        shard = parse_shard(args.shard) if args.shard is not None else None
         summary = pack_corpus(args.input, args.tokenizer, args.output, options, workers=args.workers,
                               overwrite=args.overwrite, chunk_bytes=args.chunk_kb << 10,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, resume=not args.no_resume, shard=shard,
+                              checkpoint_seconds=args.checkpoint_seconds)
     except (PackError, TokenizerError, TokenFileError) as error:
         print(f"pack_corpus: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("pack_corpus: interrupted; no output was written", file=sys.stderr)
+        print("pack_corpus: interrupted; no output was written; run the same command again to resume",
+              file=sys.stderr)
         return 130
     print(summary.format())
     return 0

@@ -19,9 +19,11 @@ hence an interrupted write never leaves a readable output.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import re
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -176,12 +178,8 @@ class IndexedTokenWriter:
             handle.write("\n")
             handle.flush()
             os.fsync(handle.fileno())
-        # Un-publish an old output first so that no moment shows a new .bin under an old .idx.
-        self.idx_path.unlink(missing_ok=True)
-        os.replace(self._tmp_bin, self.bin_path)
-        os.replace(self._tmp_json, self.json_path)
-        os.replace(self._tmp_idx, self.idx_path)
-        fsync_path(self.idx_path.parent)
+        publish([(self._tmp_bin, self.bin_path), (self._tmp_json, self.json_path), (self._tmp_idx, self.idx_path)],
+                self.idx_path)
         self._finalized = True
         return sidecar
 
@@ -222,23 +220,140 @@ def _process_alive(pid: int) -> bool:
 def write_index(path: str | os.PathLike, lengths: np.ndarray, dtype: np.dtype) -> None:
     """Write an MMIDIDX index for one document per sequence with the given sequence lengths."""
     lengths = np.asarray(lengths, dtype=np.int32)
-    num_sequences = int(lengths.size)
-    offsets = np.zeros(num_sequences, dtype=np.int64)
-    if num_sequences > 1:
-        np.cumsum(lengths[:-1], dtype=np.int64, out=offsets[1:])
-    offsets *= np.dtype(dtype).itemsize
-    document_indices = np.arange(num_sequences + 1, dtype=np.int64)
+    write_index_blocks(path, int(lengths.size), lambda: iter([lengths]), dtype)
+
+
+INDEX_BLOCK = 1 << 22  # entries per block when an index is written from blocks (16-32 MB of memory)
+
+
+def write_index_blocks(path: str | os.PathLike, num_sequences: int, length_blocks: Callable[[], Iterator[np.ndarray]],
+                       dtype: np.dtype,
+                       document_index_blocks: Callable[[], Iterator[np.ndarray]] | None = None,
+                       num_document_indices: int | None = None) -> None:
+    """Write an MMIDIDX index from blocks, so that memory stays flat however many sequences there are.
+
+    ``length_blocks()`` yields the int32 sequence lengths in order; it is called twice (the lengths,
+    then the byte offsets computed from them). ``document_index_blocks()`` yields the document
+    indices (default: one document per sequence, ``0..num_sequences``). The bytes are the same
+    however the blocks are cut.
+    """
+    itemsize = np.dtype(dtype).itemsize
+    if document_index_blocks is None:
+        num_document_indices = num_sequences + 1
+
+        def document_index_blocks() -> Iterator[np.ndarray]:
+            for start in range(0, num_sequences + 1, INDEX_BLOCK):
+                yield np.arange(start, min(start + INDEX_BLOCK, num_sequences + 1), dtype=np.int64)
+    assert num_document_indices is not None
     with open(path, "wb") as handle:
         handle.write(MAGIC)
         handle.write(struct.pack("<Q", VERSION))
         handle.write(struct.pack("<B", CODE_BY_DTYPE[np.dtype(dtype)]))
         handle.write(struct.pack("<Q", num_sequences))
-        handle.write(struct.pack("<Q", document_indices.size))
-        handle.write(lengths.tobytes(order="C"))
-        handle.write(offsets.tobytes(order="C"))
-        handle.write(document_indices.tobytes(order="C"))
+        handle.write(struct.pack("<Q", num_document_indices))
+        written = 0
+        for block in length_blocks():
+            handle.write(np.asarray(block, dtype=np.int32).tobytes(order="C"))
+            written += len(block)
+        assert written == num_sequences, (written, num_sequences)
+        next_offset = 0  # byte offset of the next sequence, carried across blocks
+        for block in length_blocks():
+            ends = np.cumsum(np.asarray(block, dtype=np.int64), dtype=np.int64) * itemsize + next_offset
+            if ends.size:
+                starts = np.concatenate([[next_offset], ends[:-1]]).astype(np.int64)
+                handle.write(starts.tobytes(order="C"))
+                next_offset = int(ends[-1])
+        written = 0
+        for block in document_index_blocks():
+            handle.write(np.asarray(block, dtype=np.int64).tobytes(order="C"))
+            written += len(block)
+        assert written == num_document_indices, (written, num_document_indices)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def publish(moves: list[tuple[Path, Path]], idx_path: Path, before_index: Callable[[], None] | None = None) -> None:
+    """Rename finished temporaries into place, ``.idx`` last: the commit point of a token file.
+
+    ``moves`` lists ``(temporary, final)`` pairs with the ``.idx`` pair last; a pair whose temporary
+    is already gone was moved by an earlier, interrupted publish and is skipped. An old ``.idx`` is
+    removed first, so no moment shows a new ``.bin`` under an old index. ``before_index`` runs just
+    before the index is renamed (a test hook).
+    """
+    assert moves and moves[-1][1] == idx_path
+    if moves[-1][0].exists():
+        idx_path.unlink(missing_ok=True)
+    for temporary, final in moves:
+        if temporary == moves[-1][0] and before_index is not None:
+            before_index()
+        if temporary.exists():
+            os.replace(temporary, final)
+    fsync_path(idx_path.parent)
+
+
+# --------------------------------------------------------------------------------------------------
+# data_path entries: a prefix, a glob or a folder of token files
+# --------------------------------------------------------------------------------------------------
+
+PARTIAL_SUFFIX = ".partial"  # the resumable state of an unfinished pack (cpt_ds.data.partial)
+_SHARD_NAME = re.compile(r"^(?P<base>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})$")
+
+
+def shard_prefix(prefix: str | os.PathLike, index: int, count: int) -> str:
+    """Token-file prefix of shard ``index`` (1-based) of ``count``: ``PREFIX-00003-of-00016``.
+
+    Zero-padded, so that sorted order is shard order and ``PREFIX-*`` names all the shards.
+    """
+    return f"{str(paths_for(prefix)[0])[: -len('.bin')]}-{index:05d}-of-{count:05d}"
+
+
+def resolve_token_prefixes(entry: str) -> list[str]:
+    """The token-file prefixes a ``data_path`` entry names, in sorted order.
+
+    An entry is a prefix (returned as is; opening it reports a missing file), a glob such as
+    ``data/zh/part-*`` or a folder: every ``X.bin``/``X.idx`` it matches or holds gives prefix ``X``.
+    An unfinished pack (``X.partial``) among them, a shard set with a missing part
+    (``X-00002-of-00004`` without ``X-00003-of-00004``) or no token file at all is an error, so a
+    run never trains on part of a corpus without saying so.
+    """
+    text = str(entry)
+    path = Path(text)
+    if path.is_dir():
+        names = [p for p in path.iterdir() if not p.name.startswith(".")]
+        what = f"folder {text}"
+    elif any(c in text for c in "*?["):
+        names = [Path(p) for p in glob.glob(text)]
+        what = f"pattern {text!r}"
+    else:
+        return [text]
+    prefixes: set[str] = set()
+    for name in names:
+        if name.name.endswith(PARTIAL_SUFFIX):
+            raise TokenFileError(f"{what} includes the unfinished pack {name}; run its pack_corpus.py command "
+                                 "again to finish it (it resumes), or remove it")
+        if name.suffix in (".bin", ".idx") and name.is_file():
+            prefixes.add(str(name)[: -len(name.suffix)])
+    if not prefixes:
+        raise TokenFileError(f"{what} matches no token file (PREFIX.bin/.idx); check the data_path entry or pack "
+                             "the corpus with tools/pack_corpus.py")
+    found = sorted(prefixes)
+    _check_shard_sets(what, found)
+    return found
+
+
+def _check_shard_sets(what: str, prefixes: list[str]) -> None:
+    sets: dict[tuple[str, int], set[int]] = {}
+    for prefix in prefixes:
+        match = _SHARD_NAME.match(prefix)
+        if match:
+            sets.setdefault((match["base"], int(match["count"])), set()).add(int(match["index"]))
+    for (base, count), indices in sets.items():
+        missing = sorted(set(range(1, count + 1)) - indices)
+        if missing:
+            names = ", ".join(f"{base}-{k:05d}-of-{count:05d}" for k in missing[:5])
+            raise TokenFileError(f"{what} holds {len(indices)} of the {count} shards of {base} (missing: {names}"
+                                 f"{', ...' if len(missing) > 5 else ''}); pack the missing shards with "
+                                 f"pack_corpus.py --shard K/{count}")
 
 
 # --------------------------------------------------------------------------------------------------

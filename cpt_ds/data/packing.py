@@ -16,6 +16,11 @@ the main process reading the tokenizer (without transformers for a plain ``token
 see ``read_tokenizer``) and hashing the inputs; each worker then builds its encoders once, from a
 config file the main process writes when it knows them (a started pool takes no new arguments).
 
+Resumable: the output is written into ``PREFIX.partial/`` and committed every few seconds, so a
+killed or failed pack run again continues from its last commit and writes the same bytes
+(``cpt_ds/data/partial.py``). ``shard=(K, N)`` packs one of N parts of the inputs for N machines;
+``cpt_ds/data/merge.py`` joins token files.
+
 Each document is ``[BOS] + ids(text) + [EOS]``: EOS always (documents never run into each other
 unmarked), BOS by the ``bos`` policy. Special-token strings inside a text are encoded as plain text.
 """
@@ -26,6 +31,7 @@ import hashlib
 import logging
 import os
 import pickle
+import signal
 import sys
 import tempfile
 import threading
@@ -41,10 +47,11 @@ from typing import Any, Literal
 import numpy as np
 
 from cpt_ds import __version__
-from cpt_ds.data.indexed import IndexedTokenWriter, paths_for, token_dtype_for_vocab
+from cpt_ds.data.indexed import paths_for, shard_prefix, token_dtype_for_vocab
+from cpt_ds.data.partial import PartialPack, Position, fault, pending_publish
 from cpt_ds.data.sources import (
-    ENCODING_ERRORS, TXT_UNITS, EncodingErrors, InputFile, PackError, RawChunk, TxtUnit, chunk_documents,
-    describe_location, discover_inputs, iter_raw_chunks,
+    ENCODING_ERRORS, TXT_UNITS, EncodingErrors, InputFile, PackError, RawChunk, TxtUnit, chunk_documents, chunk_end,
+    describe_location, discover_inputs, iter_raw_chunks, select_shard,
 )
 from cpt_ds.data.tokenizer import (
     EncoderSpec, HFEncoder, TokenEncoder, check_identity, read_tokenizer, select_encoder, tokenizer_files,
@@ -59,6 +66,8 @@ BOS_POLICIES: tuple[BosPolicy, ...] = ("auto", "always", "never")
 ENCODER_CHOICES: tuple[EncoderChoice, ...] = ("auto", "hf")
 
 DEFAULT_CHUNK_BYTES = 2 << 20
+# How often the resumable state is committed (fsync + a small JSON): a crash redoes at most this much work.
+DEFAULT_CHECKPOINT_SECONDS = 10.0
 MIN_CHUNK_BYTES = 1 << 10
 # Share of each chunk's text (at least one document) on which the fast encoder's ids are checked
 # against HF tokenizers while packing; HF being ~3x slower, this costs ~3% of the encoding time.
@@ -112,6 +121,7 @@ class PackSummary:
     dtype: str
     num_identity_checked_documents: int
     num_identity_checked_tokens: int
+    num_resumed_documents: int = 0  # documents taken from the partial state of an earlier, interrupted run
 
     def format(self) -> str:
         """The end-of-run summary printed by ``tools/pack_corpus.py``."""
@@ -127,6 +137,8 @@ class PackSummary:
             f"{self.seconds - self.encode_seconds:,.1f}, encoding {self.encode_seconds:,.1f})",
             f"  encoder         {self.encoder}",
         ]
+        if self.num_resumed_documents:
+            lines.append(f"  resumed         {self.num_resumed_documents:,} documents were packed by an earlier run")
         if self.encoder == "tiktoken":
             lines.append(f"  identity check  {self.num_identity_checked_documents:,} documents, "
                          f"{self.num_identity_checked_tokens:,} tokens identical to HF tokenizers")
@@ -182,11 +194,27 @@ def worker_start_method() -> str:
     return "fork" if sys.platform.startswith("linux") and threading.active_count() == 1 else "spawn"
 
 
-def _init_worker(config_path: str) -> None:
+def _init_worker(config_path: str, parent_pid: int | None = None) -> None:
     global _state
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
     # One process per core already; tokenizers' own thread pool would only oversubscribe.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _state = _WorkerState(config_path)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Make this worker end when the packer dies (Linux): a SIGKILLed or OOM-killed packer would
+    otherwise leave its workers blocked on the task queue forever, holding memory next to the run
+    that resumes the pack."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the packer died before the call above
+        os._exit(1)
 
 
 def _start_worker(tokenizer_json: str | None) -> None:
@@ -304,6 +332,17 @@ class _Totals:
     num_checked_tokens: int = 0
     files: list[_FileStats] = field(default_factory=list)
 
+    @classmethod
+    def restored(cls, files: list[list[int]]) -> _Totals:
+        """The totals of the documents a partial pack already holds (``files``: per input
+        ``[num_documents, num_tokens, num_empty_skipped]``)."""
+        stats = [_FileStats(*row) for row in files]
+        return cls(num_documents=sum(f.num_documents for f in stats), num_tokens=sum(f.num_tokens for f in stats),
+                   num_empty=sum(f.num_empty_skipped for f in stats), files=stats)
+
+    def file_rows(self) -> list[list[int]]:
+        return [[f.num_documents, f.num_tokens, f.num_empty_skipped] for f in self.files]
+
     def add(self, encoded: _EncodedChunk) -> None:
         num_documents, num_tokens = int(encoded.lengths.size), int(encoded.tokens.size)
         stats = self.files[encoded.file_index]
@@ -327,12 +366,20 @@ def pack_corpus(
     overwrite: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: bool = False,
+    resume: bool = True,
+    shard: tuple[int, int] | None = None,
+    checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS,
 ) -> PackSummary:
     """Tokenize ``inputs`` with the tokenizer folder ``tokenizer`` into ``output``.bin/.idx/.json.
 
-    ``workers`` (default: all cores) and ``chunk_bytes`` change only the speed, never the output.
-    User errors raise ``PackError`` / ``TokenizerError`` (both ``ValueError``) before anything is
-    published; the output appears only when complete.
+    ``workers`` (default: all cores), ``chunk_bytes`` and ``checkpoint_seconds`` change only the
+    speed, never the output. User errors raise ``PackError`` / ``TokenizerError`` (both
+    ``ValueError``) before anything is published; the output appears only when complete.
+
+    An interrupted pack leaves its state in ``output.partial/`` (see ``cpt_ds.data.partial``); the
+    same call continues from its last commit and writes the same bytes; ``resume=False`` starts
+    over. ``shard=(K, N)`` packs only the K-th (1-based) of N byte-balanced, contiguous parts of the
+    sorted input files into ``output-0000K-of-0000N``.
     """
     start = time.perf_counter()
     options = options or PackOptions()
@@ -342,11 +389,17 @@ def pack_corpus(
         problems.append(f"workers must be at least 1, got {workers}")
     if chunk_bytes < MIN_CHUNK_BYTES:
         problems.append(f"chunk size must be at least {MIN_CHUNK_BYTES} bytes, got {chunk_bytes}")
+    if checkpoint_seconds < 0:
+        problems.append(f"checkpoint interval must be at least 0 seconds, got {checkpoint_seconds}")
     if problems:
         raise PackError("invalid pack settings: " + "; ".join(problems))
     sources = discover_inputs(inputs)
+    if shard is not None:
+        sources = select_shard(sources, *shard)
+        output = shard_prefix(output, *shard)
     existing = [str(p) for p in paths_for(output) if p.exists()]
-    if existing and not overwrite:
+    # A .bin/.json without .idx beside a publishing state: this pack's own, half renamed when it was killed.
+    if existing and not overwrite and not pending_publish(output):
         raise PackError(f"output already exists ({', '.join(existing)}); choose another --output or pass --overwrite")
     tokenizer_files(tokenizer)  # a missing tokenizer folder is reported before any worker starts
     with _Workers(workers, tokenizer) as pool:
@@ -360,11 +413,17 @@ def pack_corpus(
                                      tokenization.bos_id if tokenization.add_bos else None, tokenization.eos_id,
                                      tokenization.dtype.name))
         input_hashes = [sha256_file(source.path) for source in sources]
+        identities = [{"path": source.path.as_posix(), "bytes": source.num_bytes, "sha256": digest}
+                      for source, digest in zip(sources, input_hashes, strict=True)]
 
         encode_start = time.perf_counter()
-        totals = _write(sources, tokenization, options, output, pool, overwrite=overwrite, chunk_bytes=chunk_bytes,
-                        progress=progress,
-                        sidecar=lambda totals: _sidecar(sources, input_hashes, totals, tokenization, options))
+        with PartialPack(output, dtype=tokenization.dtype, key=_resume_key(tokenization, options), inputs=identities,
+                         resume=resume) as partial:
+            num_resumed = partial.committed.num_documents
+            totals = _write(sources, options, partial, pool, chunk_bytes=chunk_bytes, progress=progress,
+                            checkpoint_seconds=checkpoint_seconds,
+                            sidecar=lambda totals: _sidecar(sources, input_hashes, totals, tokenization, options,
+                                                            shard))
     now = time.perf_counter()
     summary = PackSummary(
         output_prefix=str(paths_for(output)[0])[: -len(".bin")],
@@ -380,6 +439,7 @@ def pack_corpus(
         dtype=tokenization.dtype.name,
         num_identity_checked_documents=totals.num_checked_documents,
         num_identity_checked_tokens=totals.num_checked_tokens,
+        num_resumed_documents=num_resumed,
     )
     logger.info("packed %d documents, %d tokens in %.2f s; encoded in %.2f s (%.2f M tokens/s) after %.2f s of set-up",
                 summary.num_documents, summary.num_tokens, summary.seconds, summary.encode_seconds,
@@ -387,26 +447,61 @@ def pack_corpus(
     return summary
 
 
-def _write(sources: list[InputFile], tokenization: _Tokenization, options: PackOptions, output: str | os.PathLike,
-           pool: _Workers, *, overwrite: bool, chunk_bytes: int, progress: bool,
+def _resume_key(tokenization: _Tokenization, options: PackOptions) -> dict[str, Any]:
+    """What decides the tokens besides the inputs: a partial pack written under another key is discarded."""
+    return {"tool_version": __version__, "tokenizer_fingerprint": tokenization.fingerprint,
+            "vocab_size": tokenization.vocab_size, "dtype": tokenization.dtype.name,
+            "bos_id": tokenization.bos_id if tokenization.add_bos else None, "eos_id": tokenization.eos_id,
+            "options": asdict(options)}
+
+
+def _write(sources: list[InputFile], options: PackOptions, partial: PartialPack, pool: _Workers, *,
+           chunk_bytes: int, progress: bool, checkpoint_seconds: float,
            sidecar: Callable[[_Totals], dict[str, Any]]) -> _Totals:
-    """Encode every chunk and write it in input order; publish the output only when all went well."""
-    chunks = (chunk for index, source in enumerate(sources)
-              for chunk in iter_raw_chunks(index, source, txt_unit=options.txt_unit, json_key=options.json_key,
-                                           chunk_bytes=chunk_bytes))
-    totals = _Totals(files=[_FileStats() for _ in sources])
-    try:
-        writer = IndexedTokenWriter(output, dtype=tokenization.dtype, overwrite=overwrite)
-    except OSError as error:
-        raise PackError(f"cannot write the output {output} ({error.strerror}); choose a writable --output") from None
+    """Encode every chunk after the partial pack's last commit, write it in input order, commit now
+    and then, and publish the output only when all went well."""
+    committed = partial.committed
+    totals = _Totals.restored(committed.files or [[0, 0, 0] for _ in sources])
+    position = committed.position or Position()
+    if partial.publish_pending:  # killed between the final renames: only those remain
+        partial.finalize(sidecar(totals), position, totals.file_rows())
+        return totals
+    first_file = position.file_index + position.done
+    # Where each chunk in flight ends, in submission order (= the order results come back).
+    ends: deque[Position] = deque()
+
+    def chunks() -> Iterator[RawChunk]:
+        for index in range(first_file, len(sources)):
+            here = index == position.file_index and not position.done
+            for chunk in iter_raw_chunks(index, sources[index], txt_unit=options.txt_unit, json_key=options.json_key,
+                                         chunk_bytes=chunk_bytes, start_byte=position.byte if here else 0,
+                                         start_line=position.line if here else None):
+                ends.append(Position(index, *chunk_end(chunk)))
+                yield chunk
+
     num_input_bytes = sum(source.num_bytes for source in sources)
-    with writer, _Progress(num_input_bytes, progress) as bar:
-        for encoded in pool.encode_in_order(chunks):
-            writer.add_documents(encoded.tokens, encoded.lengths)
-            totals.add(encoded)
-            bar.advance(encoded.num_raw_bytes, totals)
+    num_chunks = 0
+    last_commit = time.monotonic()
+    with _Progress(num_input_bytes, progress) as bar:
+        bar.advance(sum(source.num_bytes for source in sources[:first_file]), totals)
+        try:
+            for encoded in pool.encode_in_order(chunks()):
+                num_chunks += 1
+                partial.add(encoded.tokens, encoded.lengths, num_chunks)
+                totals.add(encoded)
+                position = ends.popleft()
+                bar.advance(encoded.num_raw_bytes, totals)
+                if time.monotonic() - last_commit >= checkpoint_seconds:
+                    partial.commit(position, totals.file_rows())
+                    last_commit = time.monotonic()
+                fault("after-chunk", num_chunks)
+        except BaseException:
+            # A bad file hours in, or Ctrl-C: keep every chunk written so far for the next run.
+            if num_chunks:
+                partial.commit(position, totals.file_rows())
+            raise
         bar.advance(num_input_bytes - bar.num_bytes, totals)  # inputs without documents report no chunk
-        writer.finalize(sidecar(totals))
+        partial.finalize(sidecar(totals), position, totals.file_rows())
     return totals
 
 
@@ -428,7 +523,8 @@ class _Workers:
         self._config_dir = tempfile.TemporaryDirectory(prefix="cpt_ds_pack_")
         self._config_path = Path(self._config_dir.name) / "worker_config.pickle"
         self._executor = ProcessPoolExecutor(workers, mp_context=get_context(worker_start_method()),
-                                             initializer=_init_worker, initargs=(str(self._config_path),))
+                                             initializer=_init_worker,
+                                             initargs=(str(self._config_path), os.getpid()))
         tokenizer_json = Path(tokenizer) / "tokenizer.json" if tokenizer is not None else None
         early = str(tokenizer_json) if tokenizer_json is not None and tokenizer_json.is_file() else None
         for _ in range(workers):
@@ -470,10 +566,12 @@ class _Workers:
 
 
 def _sidecar(sources: list[InputFile], input_hashes: list[str], totals: _Totals, tokenization: _Tokenization,
-             options: PackOptions) -> dict[str, Any]:
+             options: PackOptions, shard: tuple[int, int] | None = None) -> dict[str, Any]:
     # Only what the inputs and options determine: no time, host, worker count or temp path, so a
     # rerun writes a byte-identical sidecar.
+    extra = {} if shard is None else {"shard": {"index": shard[0], "count": shard[1]}}
     return {
+        **extra,
         "tool": "cpt-ds tools/pack_corpus.py",
         "tool_version": __version__,
         "tokenizer": {"path": tokenization.path, "fingerprint": tokenization.fingerprint,

@@ -13,6 +13,11 @@ Formats (each optionally compressed as ``.gz`` or ``.zst``):
   paragraph units and kept verbatim in the file unit.
 * ``.jsonl``: one JSON object per line, the text under ``--json-key``; blank lines are ignored.
 * ``.parquet``: the string column named by ``--json-key``.
+* ``.arrow`` (not compressed): Arrow IPC files, stream or file format, as Hugging Face ``datasets``
+  writes them in its caches and ``save_to_disk``; the string column named by ``--json-key``. A
+  ``save_to_disk`` folder (``state.json`` + ``dataset_info.json``) given as an input, or met while
+  searching a folder, stands for its ``.arrow`` data files; a ``DatasetDict`` folder
+  (``dataset_dict.json``) is refused with its split names: pass one split's folder.
 
 A UTF-8 byte-order mark at the start of a text file is dropped. A document whose text is empty or
 only whitespace (or a JSON/parquet null) is skipped and counted.
@@ -33,15 +38,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
+import numpy as np
 import zstandard
 
-Format = Literal["txt", "jsonl", "parquet"]
+Format = Literal["txt", "jsonl", "parquet", "arrow"]
 Compression = Literal["gz", "zst"]
 TxtUnit = Literal["line", "paragraph", "file"]
 EncodingErrors = Literal["strict", "replace"]
-ChunkKind = Literal["line", "paragraph", "file", "jsonl", "parquet"]
+ChunkKind = Literal["line", "paragraph", "file", "jsonl", "parquet", "arrow"]
 
-FORMATS: tuple[Format, ...] = ("txt", "jsonl", "parquet")
+FORMATS: tuple[Format, ...] = ("txt", "jsonl", "parquet", "arrow")
 COMPRESSIONS: tuple[Compression, ...] = ("gz", "zst")
 TXT_UNITS: tuple[TxtUnit, ...] = ("line", "paragraph", "file")
 ENCODING_ERRORS: tuple[EncodingErrors, ...] = ("strict", "replace")
@@ -70,9 +76,12 @@ def input_format(path: Path) -> tuple[Format, Compression | None]:
             compression, name = candidate, name[: -len(candidate) - 1]
     for fmt in FORMATS:
         if name.endswith("." + fmt):
+            if fmt == "arrow" and compression is not None:
+                raise PackError(f"{path}: compressed .arrow files are not read; decompress it first (arrow files "
+                                "are read as a stream, without a temporary copy)")
             return fmt, compression
-    raise PackError(f"{path}: unknown file type; inputs must end in .txt, .jsonl or .parquet, optionally "
-                    "followed by .gz or .zst: rename the file or leave it out of --input")
+    raise PackError(f"{path}: unknown file type; inputs must end in .txt, .jsonl, .parquet (optionally followed "
+                    "by .gz or .zst) or .arrow: rename the file or leave it out of --input")
 
 
 def discover_inputs(specs: Sequence[str | os.PathLike]) -> list[InputFile]:
@@ -84,7 +93,9 @@ def discover_inputs(specs: Sequence[str | os.PathLike]) -> list[InputFile]:
         text = str(spec)
         path = Path(text)
         if path.is_dir():
-            matches = _files_under(path)
+            matches = _hf_dataset_files(path)
+            if matches is None:
+                matches = _files_under(path)
             if not matches:
                 raise PackError(f"input folder {path} holds no files; check --input")
         elif path.is_file():
@@ -115,14 +126,89 @@ def discover_inputs(specs: Sequence[str | os.PathLike]) -> list[InputFile]:
 
 
 def _files_under(folder: Path) -> list[Path]:
-    """Files in ``folder`` and its subfolders, except hidden ones (``.git``, ``.DS_Store``...)."""
-    return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    """Files in ``folder`` and its subfolders, except hidden ones (``.git``, ``.DS_Store``...); a
+    ``datasets`` ``save_to_disk`` folder among them gives its data files."""
+    found = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            dataset_files = _hf_dataset_files(entry)
+            found.extend(dataset_files if dataset_files is not None else _files_under(entry))
+        elif entry.is_file():
+            found.append(entry)
+    return sorted(found)
+
+
+def _hf_dataset_files(folder: Path) -> list[Path] | None:
+    """The ``.arrow`` data files of a ``datasets`` ``save_to_disk`` folder in its own order, or None
+    when ``folder`` is not one."""
+    if (folder / "dataset_dict.json").is_file():
+        try:
+            splits = json.loads((folder / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+        except (OSError, ValueError, KeyError, TypeError):
+            splits = []
+        raise PackError(f"input folder {folder} is a saved DatasetDict (splits: {', '.join(map(str, splits)) or '?'}); "
+                        f"pass one split's folder, e.g. {folder / (str(splits[0]) if splits else 'train')}")
+    state_path = folder / "state.json"
+    if not (state_path.is_file() and (folder / "dataset_info.json").is_file()):
+        return None
+    try:
+        names = [entry["filename"] for entry in json.loads(state_path.read_text(encoding="utf-8"))["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise PackError(f"{state_path}: not a readable datasets state file ({type(error).__name__}: {error}); "
+                        "save the dataset again with save_to_disk") from None
+    files = [folder / name for name in names]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise PackError(f"{state_path} lists data files that are missing ({', '.join(missing[:3])}); "
+                        "copy the whole save_to_disk folder")
+    return files
+
+
+# --------------------------------------------------------------------------------------------------
+# Shards: one of N parts of the input list, for N machines packing one corpus
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """``"K/N"`` -> ``(K, N)`` with ``1 <= K <= N``."""
+    index_text, slash, count_text = spec.partition("/")
+    if not slash or not index_text.strip().isdigit() or not count_text.strip().isdigit():
+        raise PackError(f"--shard {spec!r} is not K/N; pass e.g. --shard 3/16 for the 3rd of 16 parts (K from 1 to N)")
+    index, count = int(index_text), int(count_text)
+    if count < 1 or not 1 <= index <= count:
+        raise PackError(f"--shard {spec!r}: K must lie in 1..N and N must be at least 1; pass --shard K/N "
+                        f"with 1 <= K <= N" + (f" (here 1..{count})" if count >= 1 else ""))
+    return index, count
+
+
+def select_shard(inputs: list[InputFile], index: int, count: int) -> list[InputFile]:
+    """Input files of shard ``index`` (1-based) of ``count``: a contiguous run of the sorted list.
+
+    The cuts balance bytes on disk: shard k starts at the first file at which the running total
+    reaches (k - 1)/count of all bytes, moved so that every shard holds at least one file. Contiguous
+    runs in order make the shards' token files, read back to back, the tokens of one pack of all.
+    """
+    if count > len(inputs):
+        raise PackError(f"--shard {index}/{count}: only {len(inputs)} input files to split into {count} parts; "
+                        f"use at most {len(inputs)} shards (a file is never split)")
+    before = np.cumsum([0] + [source.num_bytes for source in inputs[:-1]])  # bytes before each file
+    total = sum(source.num_bytes for source in inputs)
+    cuts = [0]
+    for k in range(1, count):
+        cut = int(np.searchsorted(before, total * k / count, side="left"))
+        cuts.append(min(max(cut, cuts[-1] + 1), len(inputs) - (count - k)))
+    cuts.append(len(inputs))
+    return inputs[cuts[index - 1] : cuts[index]]
 
 
 # --------------------------------------------------------------------------------------------------
 # Main process: raw chunks
 # --------------------------------------------------------------------------------------------------
+
+
+ROW_FORMATS: tuple[Format, ...] = ("parquet", "arrow")
 
 
 @dataclass(frozen=True)
@@ -133,17 +219,34 @@ class RawChunk:
     path: str
     compressed: bool
     kind: ChunkKind
-    data: Any  # bytes, or a pyarrow string array for parquet
-    first_line: int  # 1-based line of the data's start (text formats) or 0-based row (parquet)
+    data: Any  # bytes, or a pyarrow string array for parquet and arrow
+    first_line: int  # 1-based line of the data's start (text formats) or 0-based row (parquet, arrow)
     first_byte: int  # offset of the data's start in the (decompressed) file
     num_raw_bytes: int  # bytes of the file on disk this chunk accounts for (progress only)
 
 
+def chunk_end(chunk: RawChunk) -> tuple[int, int | None, bool]:
+    """``(byte, line, done)`` just after ``chunk``: where reading continues (``iter_raw_chunks``'s
+    ``start_byte``/``start_line``); ``done``: the file is finished (a whole-file document)."""
+    if chunk.kind == "file":
+        return 0, None, True
+    if chunk.kind in ROW_FORMATS:
+        return 0, chunk.first_line + len(chunk.data), False
+    return chunk.first_byte + len(chunk.data), chunk.first_line + chunk.data.count(b"\n"), False
+
+
 def iter_raw_chunks(file_index: int, source: InputFile, *, txt_unit: TxtUnit, json_key: str,
-                    chunk_bytes: int) -> Iterator[RawChunk]:
-    """Read ``source`` and yield chunks of about ``chunk_bytes`` that end at document boundaries."""
-    if source.format == "parquet":
-        yield from _parquet_chunks(file_index, source, json_key=json_key, chunk_bytes=chunk_bytes)
+                    chunk_bytes: int, start_byte: int = 0, start_line: int | None = None) -> Iterator[RawChunk]:
+    """Read ``source`` and yield chunks of about ``chunk_bytes`` that end at document boundaries.
+
+    ``start_byte``/``start_line``: continue from a document boundary a previous run reached (see
+    ``chunk_end``): byte offset of the decompressed data and its 1-based line, or for parquet and
+    arrow files the 0-based row (``start_line``). What a document becomes does not depend on where
+    reading started, so a resumed pack writes the same bytes.
+    """
+    if source.format in ROW_FORMATS:
+        rows = _parquet_chunks if source.format == "parquet" else _arrow_chunks
+        yield from rows(file_index, source, json_key=json_key, chunk_bytes=chunk_bytes, start_row=start_line or 0)
         return
     kind: ChunkKind = "jsonl" if source.format == "jsonl" else txt_unit
     compressed = source.compression is not None
@@ -153,7 +256,17 @@ def iter_raw_chunks(file_index: int, source: InputFile, *, txt_unit: TxtUnit, js
                            raw_position())
             return
         buffer = bytearray()
-        offset, line, raw_done = 0, 1, 0
+        offset, line = start_byte, start_line or 1
+        if start_byte and not compressed:
+            stream.seek(start_byte)
+        else:
+            to_skip = start_byte  # a compressed stream cannot seek: decompress and drop (fast next to tokenizing)
+            while to_skip:
+                skipped = len(_read(stream, min(to_skip, 16 << 20), source))
+                if not skipped:
+                    raise PackError(f"{source.path}: shorter than when a previous run read it; run with --no-resume")
+                to_skip -= skipped
+        raw_done = raw_position()
         while True:
             block = _read(stream, chunk_bytes, source)
             searched_from = len(buffer)
@@ -221,7 +334,90 @@ def _read(stream: BinaryIO, size: int, source: InputFile) -> bytes:
                         "corrupt or truncated: replace it or leave it out of --input") from None
 
 
-def _parquet_chunks(file_index: int, source: InputFile, *, json_key: str, chunk_bytes: int) -> Iterator[RawChunk]:
+def _check_text_column(source: InputFile, schema: Any, json_key: str) -> None:
+    import pyarrow as pa
+
+    if json_key not in schema.names:
+        raise PackError(f"{source.path}: no column {json_key!r} (columns: {', '.join(schema.names)}); "
+                        "pass --json-key with the name of the text column")
+    column_type = schema.field(json_key).type
+    if pa.types.is_dictionary(column_type):
+        column_type = column_type.value_type
+    if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+        raise PackError(f"{source.path}: column {json_key!r} holds {column_type}, not strings; "
+                        "pass --json-key with the name of the text column")
+
+
+def _arrow_chunks(file_index: int, source: InputFile, *, json_key: str, chunk_bytes: int,
+                  start_row: int = 0) -> Iterator[RawChunk]:
+    """An Arrow IPC file (stream format, as ``datasets`` writes, or file format) read one record
+    batch at a time with plain reads, not a memory map, so resident memory stays at a few chunks."""
+    import pyarrow as pa
+
+    path = str(source.path)
+    try:
+        handle = pa.OSFile(path, "rb")
+    except (pa.ArrowException, OSError) as error:
+        raise PackError(f"{source.path}: cannot be read ({error}); check its permissions") from None
+    with handle:
+        row = 0
+        try:
+            is_file_format = handle.read(6) == b"ARROW1"
+            handle.seek(0)
+            if is_file_format:
+                reader = pa.ipc.open_file(handle)
+                num_batches = reader.num_record_batches
+                batches = (reader.get_batch(i) for i in range(num_batches))
+            else:
+                reader = pa.ipc.open_stream(handle)
+                batches = iter(reader)
+            _check_text_column(source, reader.schema, json_key)
+            column_index = reader.schema.get_field_index(json_key)
+            pending: list[Any] = []
+            pending_bytes = 0
+            pending_row = start_row
+            raw_done = 0
+
+            def flush() -> RawChunk:
+                nonlocal pending, pending_bytes, raw_done
+                column = pending[0] if len(pending) == 1 else pa.concat_arrays(pending)
+                raw_now = handle.tell()
+                chunk = RawChunk(file_index, path, False, "arrow", column, pending_row, 0, raw_now - raw_done)
+                raw_done = raw_now
+                pending, pending_bytes = [], 0
+                return chunk
+
+            for batch in batches:
+                column = batch.column(column_index)
+                if row + len(column) <= start_row:
+                    row += len(column)
+                    continue
+                if row < start_row:
+                    column = column.slice(start_row - row)
+                    row = start_row
+                if pa.types.is_dictionary(column.type):
+                    column = column.dictionary_decode()
+                bytes_per_row = max(1, column.nbytes // max(1, len(column)))
+                offset = 0
+                while offset < len(column):
+                    take = max(1, min(len(column) - offset, (chunk_bytes - pending_bytes) // bytes_per_row))
+                    pending.append(column.slice(offset, take))
+                    pending_bytes += take * bytes_per_row
+                    offset += take
+                    row += take
+                    if pending_bytes >= chunk_bytes:
+                        chunk = flush()
+                        yield chunk
+                        pending_row = row
+            if pending:
+                yield flush()
+        except (pa.ArrowException, OSError) as error:
+            raise PackError(f"{source.path}: cannot be read at row {row} ({error}); not an Arrow IPC file or "
+                            "corrupt: replace it or leave it out of --input") from None
+
+
+def _parquet_chunks(file_index: int, source: InputFile, *, json_key: str, chunk_bytes: int,
+                    start_row: int = 0) -> Iterator[RawChunk]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -232,25 +428,27 @@ def _parquet_chunks(file_index: int, source: InputFile, *, json_key: str, chunk_
             raise PackError(f"{source.path}: not a readable parquet file ({error}); replace it or leave it out "
                             "of --input") from None
         schema = parquet.schema_arrow
-        if json_key not in schema.names:
-            raise PackError(f"{source.path}: no column {json_key!r} (columns: {', '.join(schema.names)}); "
-                            "pass --json-key with the name of the text column")
-        column_type = schema.field(json_key).type
-        if pa.types.is_dictionary(column_type):
-            column_type = column_type.value_type
-        if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
-            raise PackError(f"{source.path}: column {json_key!r} holds {column_type}, not strings; "
-                            "pass --json-key with the name of the text column")
+        _check_text_column(source, schema, json_key)
         metadata = parquet.metadata
         num_rows = metadata.num_rows
         column_index = schema.get_field_index(json_key)
         text_bytes = sum(metadata.row_group(g).column(column_index).total_uncompressed_size
                          for g in range(metadata.num_row_groups))
         rows_per_batch = max(1, chunk_bytes * max(1, num_rows) // max(1, text_bytes))
-        row = 0
+        # Resuming: start at the row group holding start_row, and drop its rows before start_row.
+        group_starts = np.cumsum([0] + [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)])
+        first_group = max(0, int(np.searchsorted(group_starts, start_row, side="right")) - 1)
+        row = int(group_starts[first_group]) if metadata.num_row_groups else 0
         try:
-            for batch in parquet.iter_batches(batch_size=rows_per_batch, columns=[json_key], use_threads=False):
+            for batch in parquet.iter_batches(batch_size=rows_per_batch, columns=[json_key], use_threads=False,
+                                              row_groups=range(first_group, metadata.num_row_groups)):
                 column = batch.column(0)
+                if row + len(column) <= start_row:
+                    row += len(column)
+                    continue
+                if row < start_row:
+                    column = column.slice(start_row - row)
+                    row = start_row
                 if pa.types.is_dictionary(column.type):
                     column = column.dictionary_decode()
                 raw = source.num_bytes * len(column) // max(1, num_rows)  # progress only: spread evenly
@@ -290,7 +488,7 @@ class ChunkDocuments:
 
 def chunk_documents(chunk: RawChunk, *, json_key: str, encoding_errors: EncodingErrors) -> ChunkDocuments:
     """Split a raw chunk into the texts of its non-empty documents."""
-    if chunk.kind == "parquet":
+    if chunk.kind in ROW_FORMATS:
         return _parquet_documents(chunk, encoding_errors)
     data: bytes = chunk.data
     start = len(codecs.BOM_UTF8) if chunk.first_byte == 0 and data.startswith(codecs.BOM_UTF8) else 0
@@ -411,7 +609,7 @@ def _decode_parquet_value(chunk: RawChunk, row: int, value: bytes, encoding_erro
 
 def describe_location(chunk: RawChunk, location: int) -> str:
     """Human-readable place of a document: ``file:line``, ``file row N`` or the file for whole-file documents."""
-    if chunk.kind == "parquet":
+    if chunk.kind in ROW_FORMATS:
         return f"{chunk.path} row {location}"
     if chunk.kind == "file":
         return chunk.path
