@@ -11,7 +11,7 @@ the whole book on one page, and toc.html are left out: they repeat every page). 
 whole pages by its hash (``--eval-fraction 0.2``) and reports tokens per character on them.
 
 Part 2 (tiny model, CPU): a tiny LLaMA-3-shaped model pretrained 300 steps with the tiny tokenizer
-on Chinese + English text (tests/assets, Python's docs), then grown to the tokenizer extended on the
+on Chinese + English text (cpt_ds/assets, Python's docs), then grown to the tokenizer extended on the
 Chinese training documents. Bits per character on held-out Chinese documents at step 0 for the
 original tokenizer and model, the sub-token-mean init and the mean-of-all-rows init, then a short
 training run of each on the Chinese training documents (one AdamW run per model, 10 warm-up

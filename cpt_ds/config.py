@@ -130,7 +130,8 @@ class ModelConfig:
 class DataConfig:
     data_path: list[str] = field(default_factory=list)
     """Token-file prefixes (from tools/pack_corpus.py), read back to back in this order; or a weighted
-    blend in Megatron's form, 'W1 PREFIX1 W2 PREFIX2 ...' (weights are normalized)."""
+    blend in Megatron's form, 'W1 PREFIX1 W2 PREFIX2 ...' (weights are normalized). An entry may be a
+    glob or a folder of token files (the parts of a --shard K/N pack), read in sorted order as one."""
     eval_data_path: list[str] = field(default_factory=list)
     """Validation sets, each PREFIX or NAME=PREFIX; otherwise documents are held out of every data_path component."""
     block_size: int = 1024
