@@ -149,12 +149,29 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
         shutil.copy2(file, temporary / file.name)
     (temporary / EXPORT_INFO).write_text(json.dumps(
         {"checkpoint": str(checkpoint.resolve()), "kind": kind, "dtype": str(torch_dtype).removeprefix("torch."),
-         "step": meta["step"], "base_model": meta.get("base_model")}, indent=2) + "\n")
+         "step": meta["step"], "base_model": meta.get("base_model"),
+         "document_attention": trained_document_attention(checkpoint)}, indent=2) + "\n")
     if output.exists():
         shutil.rmtree(output)
     os.replace(temporary, output)
     logger.info("exported %s (%s, %s) to %s", checkpoint, kind, torch_dtype, output)
     return output
+
+
+def trained_document_attention(checkpoint: Path) -> bool:
+    """Whether the checkpoint was trained with document attention (runs from before the field: no)."""
+    run_config = checkpoint / "run_config.json"
+    if not run_config.is_file():
+        return False
+    return bool(json.loads(run_config.read_text()).get("document_attention", False))
+
+
+def exported_document_attention(folder: str | os.PathLike) -> bool | None:
+    """The document_attention an exported folder was trained with, or None when it does not say."""
+    info = Path(folder) / EXPORT_INFO
+    if not info.is_file():
+        return None
+    return json.loads(info.read_text()).get("document_attention")
 
 
 def load_exported_model(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> Any:

@@ -20,6 +20,7 @@ from torch import nn
 
 from cpt_ds.config import ModelConfig
 from cpt_ds.ds_config import DeepSpeedSettings
+from cpt_ds.loss import LossSettings, apply_liger_kernels, attach_loss_forward, causal_lm_of
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,91 @@ def load_hf_config(model_config: ModelConfig) -> Any:
 
 
 def attention_implementation(model_config: ModelConfig) -> str:
-    return "flash_attention_2" if model_config.use_flash_attention_2 else "sdpa"
+    """flash-attn 2 when asked; on CUDA with document attention PyTorch flex_attention (block-sparse:
+    it skips the masked blocks between documents); otherwise PyTorch SDPA (CPU and any device)."""
+    if model_config.use_flash_attention_2:
+        return "flash_attention_2"
+    if model_config.document_attention and torch.cuda.is_available():
+        return "flex_attention"
+    return "sdpa"
+
+
+# --------------------------------------------------------------------------------------------------
+# Document attention: model inputs from a batch
+# --------------------------------------------------------------------------------------------------
+
+MODEL_INPUTS = ("input_ids", "position_ids")
+"""The batch keys that reach the model; anything else a batch carries (labels, corpus ids) does not."""
+
+
+def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """Index of each token's document within its row: a new document wherever the position is 0."""
+    return (position_ids == 0).cumsum(dim=-1)
+
+
+def document_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """Bool ``[B, 1, T, T]``: query ``q`` may attend key ``k`` when ``k <= q`` in the same document
+    (block-diagonal causal). True = attend, as SDPA reads a bool mask."""
+    length = position_ids.shape[-1]
+    documents = document_ids(position_ids)
+    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
+    return (causal & (documents.unsqueeze(-1) == documents.unsqueeze(-2))).unsqueeze(1)
+
+
+def document_block_mask(position_ids: torch.Tensor) -> Any:
+    """The same mask as a flex_attention ``BlockMask``: blocks wholly across documents are skipped."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    documents = document_ids(position_ids)
+
+    def same_document_causal(batch, head, query, key):
+        return (key <= query) & (documents[batch, query] == documents[batch, key])
+
+    batch, length = position_ids.shape
+    return create_block_mask(same_document_causal, batch, None, length, length, device=position_ids.device)
+
+
+def flash_varlen_kwargs(position_ids: torch.Tensor) -> dict[str, Any]:
+    """flash-attn varlen arguments for the flattened batch, as transformers derives them from position
+    ids (``DataCollatorWithFlattening``): every row start and document start opens a sequence."""
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).flatten()
+    cu_seqlens = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return {"cu_seq_lens_q": cu_seqlens, "cu_seq_lens_k": cu_seqlens, "max_length_q": longest,
+            "max_length_k": longest}
+
+
+def model_inputs(batch: dict[str, torch.Tensor], *, document_attention: bool, implementation: str,
+                 device: torch.device) -> dict[str, Any]:
+    """Keyword arguments of the model's forward for a batch from ``collate`` (labels excluded).
+
+    With ``document_attention`` the position ids restart per document and attention is limited to
+    the token's own document: an explicit block-diagonal causal mask for SDPA/eager, a BlockMask for
+    flex_attention, cu_seqlens for flash-attn varlen. Without it only the input ids go in and the
+    model counts positions 0 .. T-1 with a plain causal mask (the baseline's behaviour).
+    """
+    inputs: dict[str, Any] = {"input_ids": batch["input_ids"].to(device)}
+    if not document_attention:
+        return inputs
+    position_ids = batch["position_ids"].to(device)
+    inputs["position_ids"] = position_ids
+    if implementation == "flash_attention_2":
+        inputs.update(flash_varlen_kwargs(position_ids))
+    elif implementation == "flex_attention":
+        inputs["attention_mask"] = document_block_mask(position_ids)
+    else:
+        mask = document_causal_mask(position_ids)
+        if implementation == "eager":  # eager adds the mask to the scores
+            mask = torch.zeros(mask.shape, device=device).masked_fill_(~mask, torch.finfo(torch.float32).min)
+        inputs["attention_mask"] = mask
+    return inputs
+
+
+def module_attention_implementation(module: Any) -> str:
+    """The attention implementation a (peft-wrapped, DeepSpeed-wrapped) model was built with."""
+    module = getattr(module, "module", module)
+    return module.config._attn_implementation
 
 
 def attention_problems(model_config: ModelConfig) -> list[str]:
@@ -75,6 +160,10 @@ def attention_problems(model_config: ModelConfig) -> list[str]:
     if not torch.cuda.is_available():
         return ["use_flash_attention_2 needs a CUDA GPU; set use_flash_attention_2 false on this machine"]
     return []
+
+
+def loss_settings(model_config: ModelConfig) -> LossSettings:
+    return LossSettings(chunk_size=model_config.loss_chunk_size, use_liger=model_config.use_liger_kernel)
 
 
 def quantization_problems(model_config: ModelConfig, ds: DeepSpeedSettings) -> list[str]:
@@ -147,6 +236,9 @@ def build_model(model_config: ModelConfig, ds: DeepSpeedSettings, *, vocab_size:
             # With frozen embeddings the checkpointed blocks would get inputs without grad and skip backward.
             module.enable_input_require_grads()
     module.config.use_cache = False
+    if model_config.use_liger_kernel:
+        apply_liger_kernels(causal_lm_of(module))
+    attach_loss_forward(module, loss_settings(model_config))
     return BuiltModel(module=module, keepalive=keepalive, hf_config=module.config, is_peft=is_peft,
                       resized_from=resized_from)
 

@@ -16,6 +16,7 @@ from cpt_ds.config import ConfigError, RunConfig
 from cpt_ds.data.indexed import IndexedTokenFile, TokenFileError
 from cpt_ds.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from cpt_ds.ds_config import DeepSpeedSettings, load_deepspeed_config
+from cpt_ds.loss import liger_problems
 from cpt_ds.model import attention_problems, dtype_problems, load_hf_config, quantization_problems
 
 logger = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ def preflight(config: RunConfig, *, world_size: int) -> Plan:
                     problems.append(f"{ours} {getattr(config.optim, ours)} != optimizer.params.{theirs} "
                                     f"{params[theirs]} in {ds.path}; make them equal or drop it from the JSON")
     problems += attention_problems(model_cfg)
+    problems += liger_problems(model_cfg.use_liger_kernel)
 
     has_eval_data = bool(data_cfg.eval_data_path) or data_cfg.validation_split_percentage > 0
     if train_cfg.eval_steps is not None and not has_eval_data:

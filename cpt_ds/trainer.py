@@ -1,5 +1,9 @@
 """The training loop on a DeepSpeed engine: batch -> forward -> loss -> backward -> step.
 
+Per micro-batch the model returns the loss summed over its labelled positions (cpt_ds/loss.py: the head
+and cross entropy run a chunk of tokens at a time, never holding the full logits), with attention
+limited to each token's own document when ``document_attention`` is on (cpt_ds/model.py).
+
 Gradient math: per micro-batch we backpropagate ``loss_sum * accumulation * world / global_tokens``.
 DeepSpeed divides by the accumulation steps and averages gradients over data-parallel ranks, so the
 applied gradient is exactly that of the token-weighted mean loss over the whole global batch
@@ -25,6 +29,7 @@ from cpt_ds.data.indexed import IndexedTokenFile
 from cpt_ds.data.samples import PackedSamples, TokenStream, split_documents
 from cpt_ds.data.sampler import IGNORE_INDEX, TrainLoader, eval_batches
 from cpt_ds.distributed import barrier, destroy_process_group, device, init_distributed, setup_logging
+from cpt_ds.loss import LossOutput
 from cpt_ds.metrics import (
     MetricsLog,
     TokenMetrics,
@@ -32,7 +37,6 @@ from cpt_ds.metrics import (
     batch_stats,
     evaluate,
     peak_memory_gib,
-    token_losses,
 )
 from cpt_ds.model import (
     BuiltModel,
@@ -41,6 +45,8 @@ from cpt_ds.model import (
     flops_per_token,
     matmul_parameters,
     mfu,
+    model_inputs,
+    module_attention_implementation,
     peak_tflops,
     training_dtype,
 )
@@ -101,6 +107,7 @@ class Trainer:
 
         self.built: BuiltModel = build_model(config.model, self.ds, vocab_size=self.plan.vocab_size,
                                              seed=config.train.seed)
+        self.attention_implementation = module_attention_implementation(self.built.module)
         self.num_parameters, self.num_trainable = count_parameters(self.built.module)
         optimizer, parameters = build_optimizer(self.built.module, config.optim, self.ds)
         import deepspeed
@@ -170,6 +177,7 @@ class Trainer:
             "model_shape": shape,
             "adapter": adapter,
             "zero_stage": self.ds.zero_stage,
+            "document_attention": model.document_attention,
         }
 
     def _check_compatible(self, path: Path, marker: dict[str, Any]) -> None:
@@ -196,6 +204,11 @@ class Trainer:
         if old["zero_stage"] != new["zero_stage"]:
             changed.append(f"ZeRO stage ({old['zero_stage']} -> {new['zero_stage']}); resume with the "
                            "DeepSpeed JSON it was saved with")
+        # Checkpoints from before the field existed were trained with attention across documents.
+        if old.get("document_attention", False) != new["document_attention"]:
+            changed.append(f"document_attention ({old.get('document_attention', False)} -> "
+                           f"{new['document_attention']}): the model was trained with the other attention; "
+                           f"resume with --document_attention {str(old.get('document_attention', False)).lower()}")
         if changed:
             raise CheckpointError(f"cannot resume from {path}: changed since it was saved: " + "; ".join(changed)
                                   + ". Restore them, or start fresh in a new output_dir")
@@ -341,14 +354,12 @@ class Trainer:
         self.engine.train()
         for index, batch in enumerate(micro_batches):
             labels = batch["labels"].to(self.device)
-            logits = self.engine(input_ids=batch["input_ids"].to(self.device)).logits
-            losses = token_losses(logits, labels)
-            loss_sum = losses.sum()
-            finite = bool(torch.isfinite(loss_sum))
-            stats[:3] += batch_stats(logits, labels, losses, with_accuracy=False) if finite else 0
+            output = self.forward(batch, labels)
+            finite = bool(torch.isfinite(output.loss))
+            stats[:3] += batch_stats(output, labels, with_accuracy=False) if finite else 0
             stats[3] += 0 if finite else 1
-            del logits
-            self.engine.backward(loss_sum * scale)
+            self.engine.backward(output.loss * scale)
+            del output
             if index < len(micro_batches) - 1:
                 self.engine.step()  # DeepSpeed counts micro-steps; no optimizer step before the boundary
         total = all_reduce_stats(stats)
@@ -368,12 +379,19 @@ class Trainer:
                 f"JSON, check the data, or resume from the last checkpoint in {self.output_dir}")
         return total[:3], (float(norm) if norm is not None else None)
 
+    def forward(self, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> LossOutput:
+        """The loss of one micro-batch (cpt_ds/loss.py): summed over its labelled positions, plus the
+        detached per-position losses; only model inputs go in (a batch may carry other keys)."""
+        inputs = model_inputs(batch, document_attention=self.config.model.document_attention,
+                              implementation=self.attention_implementation, device=self.device)
+        return self.engine(**inputs, labels=labels)
+
     def evaluate_and_log(self) -> TokenMetrics:
         assert self.eval_samples is not None
         started = time.perf_counter()
         result = evaluate(self.engine, eval_batches(
             self.eval_samples, micro_batch_size=self.config.train.per_device_eval_batch_size or self.ds.micro_batch_size,
-            dp_rank=self.rank, dp_world_size=self.world_size))
+            dp_rank=self.rank, dp_world_size=self.world_size), document_attention=self.config.model.document_attention)
         record = {"step": self.step, "eval_loss": result.loss, "eval_accuracy": result.accuracy,
                   "perplexity": result.perplexity, "eval_tokens": result.tokens}
         logger.info("eval step %d | loss %.4f | accuracy %.4f | perplexity %.2f | %d tokens | %.1f s", self.step,

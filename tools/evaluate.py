@@ -3,7 +3,7 @@
     python tools/evaluate.py --model DIR --data PREFIX [--block_size 1024] [--max_samples N]
     deepspeed --num_gpus 8 tools/evaluate.py --model DIR --data PREFIX      # several ranks
 
-Uses the training code's samples and distributed metrics (all-reduced sums, never gathered logits),
+Uses the training code's samples, document attention, chunked loss and distributed metrics (all-reduced sums, never gathered logits),
 so on the same samples it reproduces the eval_loss that train.py logged. ``--model`` may be a full
 model folder or a peft adapter folder (its base model is loaded from the adapter's config).
 """
@@ -23,7 +23,8 @@ from cpt_ds.data.samples import PackedSamples, TokenStream
 from cpt_ds.data.sampler import eval_batches
 from cpt_ds.data.tokenizer import tokenizer_files, tokenizer_fingerprint
 from cpt_ds.distributed import device, exit_process, init_distributed, setup_logging
-from cpt_ds.export import load_exported_model
+from cpt_ds.export import exported_document_attention, load_exported_model
+from cpt_ds.loss import LossSettings, attach_loss_forward
 from cpt_ds.metrics import evaluate
 from cpt_ds.preflight import sidecar_tokenizer_fingerprint
 
@@ -39,9 +40,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=4, help="samples per forward per rank")
     parser.add_argument("--max_samples", type=int, default=None)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--document_attention", choices=("true", "false"), default=None,
+                        help="attend only within each document of a window; default: what the model was trained "
+                             "with (cpt_ds_export.json), else true")
+    parser.add_argument("--loss_chunk_size", type=int, default=1024,
+                        help="tokens per chunk of the head + loss (0 = full logits)")
     parser.add_argument("--output", help="also write the result as JSON here")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.loss_chunk_size < 0:
+        parser.error(f"--loss_chunk_size must be >= 0, got {args.loss_chunk_size}")
 
     rank, world_size, _ = init_distributed()
     setup_logging(rank)
@@ -66,12 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     if len(samples) == 0:
         print(f"error: the data holds fewer than block_size {args.block_size} + 1 tokens", file=sys.stderr)
         return 2
+    if args.document_attention is not None:
+        document_attention = args.document_attention == "true"
+    else:
+        trained_with = exported_document_attention(folder)
+        document_attention = True if trained_with is None else trained_with
     model = load_exported_model(folder, dtype=DTYPES[args.dtype]).to(device())
+    attach_loss_forward(model, LossSettings(chunk_size=args.loss_chunk_size))
     result = evaluate(model, eval_batches(samples, micro_batch_size=args.batch_size, dp_rank=rank,
-                                          dp_world_size=world_size))
+                                          dp_world_size=world_size), document_attention=document_attention)
     record = {"model": str(folder), "data": args.data, "block_size": args.block_size, "samples": len(samples),
               "eval_loss": result.loss, "eval_accuracy": result.accuracy, "perplexity": result.perplexity,
-              "eval_tokens": result.tokens, "ranks": world_size}
+              "eval_tokens": result.tokens, "ranks": world_size, "document_attention": document_attention}
     if rank == 0:
         print(json.dumps(record, indent=2))
         if args.output:
