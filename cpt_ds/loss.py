@@ -115,11 +115,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_sum: torch.Tensor, _grad_losses: Any, _grad_correct: Any):
+        # The stored gradients are scaled in place (no second weight-sized buffer), so they serve one backward.
+        if getattr(ctx, "used", False):
+            raise RuntimeError("the chunked loss supports one backward per forward (no retain_graph re-use)")
+        ctx.used = True
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_sum.to(grad_hidden.dtype)
+            grad_hidden.mul_(grad_sum.to(grad_hidden.dtype))
         if grad_weight is not None:
-            grad_weight = grad_weight * grad_sum.to(grad_weight.dtype)
+            grad_weight.mul_(grad_sum.to(grad_weight.dtype))
         return grad_hidden, grad_weight, None, None, None
 
 
