@@ -4,10 +4,14 @@
 #     bash benchmarks/gpu_check.sh            # from the repository root
 #
 # Needs a CUDA PyTorch with transformers and peft already installed; no network. deepspeed and
-# liger-kernel (and optionally flash-attn) are installed from wheels placed in benchmarks/wheels/
-# beforehand, on a machine with network (see docs/attention_and_loss.md):
+# liger-kernel (with deepspeed's small dependencies, and optionally flash-attn) are installed from wheels
+# placed in benchmarks/wheels/ beforehand, on a machine with network and the GPU machine's platform and
+# Python (docs/attention_and_loss.md, "GPU check"):
 #
-#     pip wheel --no-deps -w benchmarks/wheels deepspeed==0.19.8 liger-kernel   # + flash-attn if wanted
+#     pip wheel --no-deps -w benchmarks/wheels deepspeed==0.19.8
+#     pip download -d benchmarks/wheels --only-binary=:all: --platform manylinux2014_x86_64 \
+#         --python-version 3.11 liger-kernel einops hjson msgpack ninja py-cpuinfo pydantic psutil --no-deps
+#     # (+ pydantic-core annotated-types typing-inspection when the GPU machine lacks them; + flash-attn)
 #
 # (a) document attention, flex and SDPA (and flash varlen with flash-attn) vs documents run alone, bf16;
 # (b) chunked loss vs full logits, Liger vs chunked, bf16 (benchmarks/gpu_check.py);
@@ -35,7 +39,9 @@ for package in deepspeed liger_kernel; do
   if ! python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$package') is None)"; then
     if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
       echo "installing $package from $WHEELS"
-      pip install --no-index --find-links "$WHEELS" --no-deps "${package//_/-}"
+      # Dependencies come from the same folder or from what is installed (torch, numpy, ...); pip names
+      # any that are missing.
+      pip install --no-index --find-links "$WHEELS" "${package//_/-}"
     else
       echo "gpu_check: $package is missing and $WHEELS holds no wheels (see the header of this script)" >&2
       exit 2
@@ -45,7 +51,6 @@ done
 if ls "$WHEELS"/flash_attn-*.whl >/dev/null 2>&1 && ! python -c "import flash_attn" 2>/dev/null; then
   pip install --no-index --find-links "$WHEELS" --no-deps flash-attn
 fi
-pip install --no-deps --no-build-isolation -e . >/dev/null 2>&1 || true   # the cpt_ds package itself (PYTHONPATH suffices)
 
 status=0
 echo "== (a) + (b): document attention paths and the loss, bf16"

@@ -174,7 +174,8 @@ def exported_document_attention(folder: str | os.PathLike) -> bool | None:
     return json.loads(info.read_text()).get("document_attention")
 
 
-def load_exported_model(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> Any:
+def load_exported_model(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+                        attn_implementation: str = "sdpa") -> Any:
     """Load what ``export_checkpoint`` wrote: a full model folder, or a peft adapter on its base model.
 
     For an adapter the base is grown to the tokenizer's size exactly as training did (new rows = mean),
@@ -187,7 +188,7 @@ def load_exported_model(folder: str | os.PathLike, *, dtype: torch.dtype = torch
 
     folder = Path(folder)
     if not (folder / "adapter_config.json").is_file():
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
     from peft import PeftModel
 
     base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
@@ -198,6 +199,6 @@ def load_exported_model(folder: str | os.PathLike, *, dtype: torch.dtype = torch
         raise CheckpointError(f"{folder} is a LoRA adapter whose base model {base!r} is not a local folder; "
                               "set base_model_name_or_path in its adapter_config.json")
     with _local_construction():
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation=attn_implementation)
         resize_embeddings(model, len(load_tokenizer(folder)))
         return PeftModel.from_pretrained(model, folder)

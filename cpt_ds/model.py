@@ -63,23 +63,61 @@ def load_hf_config(model_config: ModelConfig) -> Any:
     return config
 
 
+DOCUMENT_SDPA = "cpt_document_sdpa"
+"""PyTorch SDPA run once per document of a window (registered with transformers' AttentionInterface)."""
+
+
 def attention_implementation(model_config: ModelConfig) -> str:
-    """flash-attn 2 when asked; on CUDA with document attention PyTorch flex_attention (block-sparse:
-    it skips the masked blocks between documents); otherwise PyTorch SDPA (CPU and any device)."""
+    """flash-attn 2 (varlen) when asked; with document attention, on CUDA PyTorch flex_attention (a
+    block-sparse mask: blocks between documents are skipped), elsewhere PyTorch SDPA once per document
+    (``document_sdpa_attention``); without document attention PyTorch SDPA."""
     if model_config.use_flash_attention_2:
         return "flash_attention_2"
-    if model_config.document_attention and torch.cuda.is_available():
-        return "flex_attention"
+    if model_config.document_attention:
+        if torch.cuda.is_available():
+            return "flex_attention"
+        register_document_sdpa()
+        return DOCUMENT_SDPA
     return "sdpa"
+
+
+def document_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, cu_seq_lens_q: torch.Tensor | None = None,
+                            **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Block-diagonal causal attention as causal SDPA over each document's rows.
+
+    The same numbers as SDPA with the explicit block-diagonal mask, but each document only meets
+    itself: sum of L_i^2 instead of T^2 work, where the explicit mask makes CPU SDPA compute (and
+    then discard) every block of the window. ``cu_seq_lens_q`` (from ``flash_varlen_kwargs``) marks the
+    documents of the flattened ``[B * T]`` batch; without it this is plain causal SDPA.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    for name in ("cu_seq_lens_k", "max_length_q", "max_length_k"):
+        kwargs.pop(name, None)
+    if cu_seq_lens_q is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    batch, length = query.shape[0], query.shape[2]
+    bounds = cu_seq_lens_q.tolist()
+    pieces = []
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        row, offset = divmod(start, length)
+        rows = slice(offset, offset + stop - start)  # a document never crosses rows: each row starts one
+        out, _ = sdpa_attention_forward(module, query[row:row + 1, :, rows], key[row:row + 1, :, rows],
+                                        value[row:row + 1, :, rows], None, **kwargs)
+        pieces.append(out)
+    return torch.cat(pieces, dim=1).view(batch, length, *pieces[0].shape[2:]), None
+
+
+def register_document_sdpa() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(DOCUMENT_SDPA, document_sdpa_attention)
 
 
 # --------------------------------------------------------------------------------------------------
 # Document attention: model inputs from a batch
 # --------------------------------------------------------------------------------------------------
-
-MODEL_INPUTS = ("input_ids", "position_ids")
-"""The batch keys that reach the model; anything else a batch carries (labels, corpus ids) does not."""
-
 
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
     """Index of each token's document within its row: a new document wherever the position is 0."""
@@ -124,8 +162,8 @@ def model_inputs(batch: dict[str, torch.Tensor], *, document_attention: bool, im
     """Keyword arguments of the model's forward for a batch from ``collate`` (labels excluded).
 
     With ``document_attention`` the position ids restart per document and attention is limited to
-    the token's own document: an explicit block-diagonal causal mask for SDPA/eager, a BlockMask for
-    flex_attention, cu_seqlens for flash-attn varlen. Without it only the input ids go in and the
+    the token's own document: cu_seqlens for flash-attn varlen and for SDPA once per document, a
+    BlockMask for flex_attention, an explicit block-diagonal causal mask for plain SDPA / eager. Without it only the input ids go in and the
     model counts positions 0 .. T-1 with a plain causal mask (the baseline's behaviour).
     """
     inputs: dict[str, Any] = {"input_ids": batch["input_ids"].to(device)}
@@ -133,7 +171,7 @@ def model_inputs(batch: dict[str, torch.Tensor], *, document_attention: bool, im
         return inputs
     position_ids = batch["position_ids"].to(device)
     inputs["position_ids"] = position_ids
-    if implementation == "flash_attention_2":
+    if implementation in ("flash_attention_2", DOCUMENT_SDPA):
         inputs.update(flash_varlen_kwargs(position_ids))
     elif implementation == "flex_attention":
         inputs["attention_mask"] = document_block_mask(position_ids)

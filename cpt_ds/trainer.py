@@ -289,12 +289,16 @@ class Trainer:
         ds = self.ds
         logger.info(
             "cpt-ds %s | world %d | ZeRO-%d %s | micro %d x accumulation %d x ranks %d = %d samples/step "
-            "(%d tokens) | %d steps, warmup %d | params %.2fM, trainable %.2fM | %d train samples, %s eval samples",
+            "(%d tokens) | %d steps, warmup %d | params %.2fM, trainable %.2fM | %d train samples, %s eval samples | "
+            "attention %s, document attention %s | loss %s",
             __version__, self.world_size, ds.zero_stage, ds.precision, ds.micro_batch_size,
             ds.gradient_accumulation_steps, self.world_size, self.loader.global_batch_size,
             self.loader.global_batch_size * self.config.data.block_size, self.total_steps, self.warmup_steps,
             self.num_parameters / 1e6, self.num_trainable / 1e6, len(self.train_samples),
-            len(self.eval_samples) if self.eval_samples is not None else "no")
+            len(self.eval_samples) if self.eval_samples is not None else "no", self.attention_implementation,
+            "on" if self.config.model.document_attention else "off",
+            "liger" if self.config.model.use_liger_kernel else
+            f"chunks of {self.config.model.loss_chunk_size} tokens" if self.config.model.loss_chunk_size else "full logits")
 
     # ---- the loop --------------------------------------------------------------------------------
 

@@ -29,7 +29,8 @@ from cpt_ds.data.samples import PackedSamples, TokenStream, document_positions
 from cpt_ds.data.sampler import IGNORE_INDEX, collate, eval_batches
 from cpt_ds.loss import (LossSettings, attach_loss_forward, chunked_linear_cross_entropy,
                          full_linear_cross_entropy, liger_problems)
-from cpt_ds.model import document_causal_mask, flash_varlen_kwargs, model_inputs
+from cpt_ds.model import (DOCUMENT_SDPA, document_causal_mask, flash_varlen_kwargs, model_inputs,
+                          register_document_sdpa)
 
 EOS = 0
 CPU = torch.device("cpu")
@@ -49,13 +50,14 @@ def random_documents(lengths: list[int], seed: int = 0) -> list[list[int]]:
     return [rng.integers(1, TINY_MODEL["vocab_size"], size=n - 1).tolist() + [EOS] for n in lengths]
 
 
-def tiny_model(*, tie: bool = False, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_model(*, tie: bool = False, seed: int = 0, implementation: str = "sdpa"):
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
+    register_document_sdpa()
     torch.manual_seed(seed)
     shape = {k: v for k, v in TINY_MODEL.items() if k != "architectures"}
     shape["tie_word_embeddings"] = tie
-    return LlamaForCausalLM(LlamaConfig(**shape, attn_implementation="sdpa")).float()
+    return AutoModelForCausalLM.from_config(LlamaConfig(**shape), attn_implementation=implementation).float()
 
 
 def lora_model(model):
@@ -68,7 +70,8 @@ def lora_model(model):
 
 
 def run(model, batch: dict[str, torch.Tensor], *, document_attention: bool, return_correct: bool = False):
-    inputs = model_inputs(batch, document_attention=document_attention, implementation="sdpa", device=CPU)
+    inputs = model_inputs(batch, document_attention=document_attention,
+                          implementation=model.config._attn_implementation, device=CPU)
     return model(**inputs, labels=batch["labels"], return_correct=return_correct)
 
 
@@ -108,6 +111,8 @@ def test_the_mask_is_block_diagonal_causal_and_the_varlen_lengths_match():
     assert set(model_inputs(batch, document_attention=False, implementation="sdpa", device=CPU)) == {"input_ids"}
     assert set(model_inputs(batch, document_attention=True, implementation="sdpa", device=CPU)) == {
         "input_ids", "position_ids", "attention_mask"}
+    assert set(model_inputs(batch, document_attention=True, implementation=DOCUMENT_SDPA, device=CPU)) == {
+        "input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,8 +125,10 @@ def fragments(sample: dict[str, np.ndarray]) -> list[tuple[int, int]]:
     return list(zip(starts[:-1], starts[1:]))
 
 
-@pytest.mark.parametrize("mode", ["full", "lora", "gradient_checkpointing"])
-def test_every_position_scores_as_its_document_fragment_run_alone(tmp_path, mode):
+@pytest.mark.parametrize("mode, implementation", [("full", DOCUMENT_SDPA), ("lora", DOCUMENT_SDPA),
+                                                  ("gradient_checkpointing", DOCUMENT_SDPA), ("full", "sdpa")])
+def test_every_position_scores_as_its_document_fragment_run_alone(tmp_path, mode, implementation):
+    """Both CPU paths: SDPA once per document (the default off CUDA) and SDPA with the explicit mask."""
     # Document starts 0, 20, 26, 35, 43, 68, 72, 79, 89, 129: windows 32..64 and 64..96 both start
     # inside a document and hold 3 and 5 documents.
     stream = TokenStream.whole([token_file(tmp_path / "a", random_documents([20, 6, 9, 8, 25, 4, 7, 10, 40], seed=1))])
@@ -131,7 +138,7 @@ def test_every_position_scores_as_its_document_fragment_run_alone(tmp_path, mode
         assert 0 not in stream.document_starts(32 * index, 32 * index + 32)  # the window cuts a document
         assert len(fragments(sample)) >= 3
     batch = collate(picked)
-    model = tiny_model()
+    model = tiny_model(implementation=implementation)
     if mode == "lora":
         model = lora_model(model)
     attach_loss_forward(model, LossSettings(chunk_size=7))
@@ -276,7 +283,11 @@ def test_loss_memory_of_a_128k_vocabulary_at_2048_tokens_stays_under_a_ceiling_f
 
 
 def test_config_fields_are_validated():
+    from cpt_ds.config import RunConfig
+
     assert ModelConfig(full_finetuning=True, model_type="llama", tokenizer_name_or_path="t").document_attention
+    flags = RunConfig.load(["--document_attention", "false", "--loss_chunk_size", "256", "--use_liger_kernel", "true"])
+    assert (flags.model.document_attention, flags.model.loss_chunk_size, flags.model.use_liger_kernel) == (False, 256, True)
     problems = ModelConfig(full_finetuning=True, tokenizer_name_or_path="t", loss_chunk_size=-1).problems()
     assert any("loss_chunk_size must be >= 0" in p for p in problems)
     lora_head = ModelConfig(model_name_or_path="m", trainable="q_proj,lm_head").problems()

@@ -291,7 +291,7 @@ def test_logged_losses_are_global_token_weighted_means(assets, tmp_path):
     from cpt_ds.data.sampler import SampleOrder, collate, eval_batches
     from cpt_ds.loss import LossSettings, attach_loss_forward
     from cpt_ds.metrics import TokenMetrics, batch_stats, evaluate
-    from cpt_ds.model import model_inputs
+    from cpt_ds.model import DOCUMENT_SDPA, model_inputs, register_document_sdpa
 
     out = tmp_path / "out"
     train(lora_config(assets, out, lora_dropout=0.0, max_steps=1), workdir=tmp_path).check()
@@ -299,8 +299,10 @@ def test_logged_losses_are_global_token_weighted_means(assets, tmp_path):
     logged_eval = eval_records(out)[0]
 
     torch.set_num_threads(1)  # the ranks ran single-threaded; same kernels, same bits
-    model = AutoModelForCausalLM.from_pretrained(assets.base_model, dtype=torch.float32, attn_implementation="sdpa")
-    attach_loss_forward(model, LossSettings())  # the run's loss and document attention (defaults)
+    register_document_sdpa()  # the run's attention path on CPU, loss and document attention (defaults)
+    model = AutoModelForCausalLM.from_pretrained(assets.base_model, dtype=torch.float32,
+                                                 attn_implementation=DOCUMENT_SDPA)
+    attach_loss_forward(model, LossSettings())
     files = [IndexedTokenFile(assets.corpus)]
     train_segments, eval_segments = split_documents(files, 0.05, seed=7)
     train_samples = PackedSamples(TokenStream(files, train_segments), 32)
@@ -310,7 +312,7 @@ def test_logged_losses_are_global_token_weighted_means(assets, tmp_path):
     with torch.no_grad():
         for rank_ids in (ids[:4], ids[4:]):  # each rank's micro-batch of 4
             batch = collate([train_samples[int(i)] for i in rank_ids])
-            inputs = model_inputs(batch, document_attention=True, implementation="sdpa", device=torch.device("cpu"))
+            inputs = model_inputs(batch, document_attention=True, implementation=DOCUMENT_SDPA, device=torch.device("cpu"))
             stats += batch_stats(model(**inputs, labels=batch["labels"]), batch["labels"], with_accuracy=False)
     assert TokenMetrics.from_tensor(stats).loss == logged_train
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from cpt_ds.config import ModelConfig
 from cpt_ds.data.indexed import IndexedTokenFile, TokenFileError
 from cpt_ds.data.samples import PackedSamples, TokenStream
 from cpt_ds.data.sampler import eval_batches
@@ -26,6 +27,7 @@ from cpt_ds.distributed import device, exit_process, init_distributed, setup_log
 from cpt_ds.export import exported_document_attention, load_exported_model
 from cpt_ds.loss import LossSettings, attach_loss_forward
 from cpt_ds.metrics import evaluate
+from cpt_ds.model import attention_implementation
 from cpt_ds.preflight import sidecar_tokenizer_fingerprint
 
 logger = logging.getLogger("cpt_ds.evaluate")
@@ -79,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         trained_with = exported_document_attention(folder)
         document_attention = True if trained_with is None else trained_with
-    model = load_exported_model(folder, dtype=DTYPES[args.dtype]).to(device())
+    # The attention path training used on this kind of device, so the numbers match train.py's eval.
+    implementation = attention_implementation(ModelConfig(document_attention=document_attention))
+    model = load_exported_model(folder, dtype=DTYPES[args.dtype], attn_implementation=implementation).to(device())
     attach_loss_forward(model, LossSettings(chunk_size=args.loss_chunk_size))
     result = evaluate(model, eval_batches(samples, micro_batch_size=args.batch_size, dp_rank=rank,
                                           dp_world_size=world_size), document_attention=document_attention)
