@@ -33,6 +33,8 @@ setup(
     extras_require={
         "flash": ["flash-attn>=2.6"],
         "quant": ["bitsandbytes>=0.45"],
+        # use_liger_kernel: Liger-Kernel's fused linear cross entropy and RMSNorm / SwiGLU / RoPE (CUDA, Triton)
+        "gpu": ["liger-kernel>=0.5"],
         "plot": ["matplotlib>=3.8"],
         "dev": ["pytest>=8", "bitsandbytes>=0.45", "matplotlib>=3.8"],
     },

@@ -127,6 +127,9 @@ class Options:
     untied: bool
     num_gpus: int
     peak_tflops: float | None
+    loss_chunk_size: int = 1024
+    document_attention: bool = True
+    document_length: int = 8192
     seed: int = 1234
 
 
@@ -139,14 +142,14 @@ def write_tokenizer(folder: Path) -> Path:
     return train_tokenizer(texts, folder, vocab_size=512)
 
 
-def write_random_tokens(prefix: Path, tokenizer: Path, *, num_tokens: int, vocab_size: int, seed: int) -> Path:
-    """Uniform random ids in documents of 8,192 tokens, with the sidecar train.py's preflight checks."""
+def write_random_tokens(prefix: Path, tokenizer: Path, *, num_tokens: int, vocab_size: int, seed: int,
+                        document: int = 8192) -> Path:
+    """Uniform random ids in documents of ``document`` tokens, with the sidecar train.py's preflight checks."""
     import numpy as np
 
     from cpt_ds.data.indexed import IndexedTokenWriter, token_dtype_for_vocab
     from cpt_ds.data.tokenizer import tokenizer_fingerprint
 
-    document = 8192
     generator = np.random.default_rng(seed)
     dtype = token_dtype_for_vocab(vocab_size)
     with IndexedTokenWriter(prefix, dtype=dtype) as writer:
@@ -173,12 +176,14 @@ def build_inputs(work: Path, options: Options) -> tuple[dict[str, Any], Path]:
     # Every step reads fresh windows (no epoch wrap); +1: a window is seq + 1 tokens.
     num_tokens = options.steps * global_samples * options.seq + 1
     prefix = write_random_tokens(work / "data" / "random", tokenizer, num_tokens=num_tokens,
-                                 vocab_size=shape["vocab_size"], seed=options.seed)
+                                 vocab_size=shape["vocab_size"], seed=options.seed, document=options.document_length)
     run_config = {
         "config_name": str(model_dir),
         "tokenizer_name_or_path": str(tokenizer),
         "full_finetuning": True,
         "use_flash_attention_2": options.flash,
+        "loss_chunk_size": options.loss_chunk_size,
+        "document_attention": options.document_attention,
         "gradient_checkpointing": options.gradient_checkpointing,
         "data_path": [str(prefix)],
         "validation_split_percentage": 0.0,
@@ -286,6 +291,12 @@ def parse_args(argv: list[str] | None) -> tuple[Options, bool, Path | None, floa
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--flash", action="store_true", help="use_flash_attention_2 (needs flash-attn); else SDPA")
     parser.add_argument("--untied", action="store_true", help="an untied LM head (LLaMA-3-8B style, 1.50B parameters)")
+    parser.add_argument("--loss_chunk_size", type=int, default=1024,
+                        help="tokens per chunk of the head + loss; 0 = full logits (the Hugging Face path)")
+    parser.add_argument("--document_attention", choices=("true", "false"), default="true",
+                        help="attention within documents (see --document_length)")
+    parser.add_argument("--document_length", type=int, default=8192,
+                        help="tokens per document of the random-id file (shorter than --seq: several per window)")
     parser.add_argument("--num_gpus", type=int, help="GPUs to use (default: all visible)")
     parser.add_argument("--peak_tflops", type=float,
                         help="per-GPU dense bf16 peak TFLOP/s, when the engine's table lacks the GPU")
@@ -296,6 +307,10 @@ def parse_args(argv: list[str] | None) -> tuple[Options, bool, Path | None, floa
     args = parser.parse_args(argv)
     problems = [f"--{name} must be positive" for name in ("steps", "micro_batch", "gradient_accumulation", "seq")
                 if getattr(args, name) < 1]
+    if args.document_length < 1:
+        problems.append(f"--document_length must be positive, got {args.document_length}")
+    if args.loss_chunk_size < 0:
+        problems.append(f"--loss_chunk_size must be >= 0, got {args.loss_chunk_size}")
     if not 0 <= args.warmup < args.steps:
         problems.append(f"--warmup must be in [0, --steps), got {args.warmup}")
     if problems:
@@ -303,7 +318,9 @@ def parse_args(argv: list[str] | None) -> tuple[Options, bool, Path | None, floa
     options = Options(steps=args.steps, warmup=args.warmup, micro_batch=args.micro_batch,
                       gradient_accumulation=args.gradient_accumulation, seq=args.seq,
                       gradient_checkpointing=args.gradient_checkpointing, flash=args.flash, untied=args.untied,
-                      num_gpus=args.num_gpus or 0, peak_tflops=args.peak_tflops)
+                      num_gpus=args.num_gpus or 0, peak_tflops=args.peak_tflops,
+                      loss_chunk_size=args.loss_chunk_size, document_attention=args.document_attention == "true",
+                      document_length=args.document_length)
     return options, args.dry_run, args.workdir, args.timeout
 
 
@@ -364,8 +381,9 @@ def run(options: Options, work: Path, dry_run: bool, timeout: float) -> int:
     assert peak is not None  # check_machine refused this case
     print(f"[2/3] training {options.steps} steps on {options.num_gpus} x {gpu} (ZeRO-2 bf16, micro-batch "
           f"{options.micro_batch} x seq {options.seq}, accumulation {options.gradient_accumulation}, "
-          f"{'flash-attn 2' if options.flash else 'SDPA'}, gradient checkpointing "
-          f"{'on' if options.gradient_checkpointing else 'off'})", flush=True)
+          f"{'flash-attn 2' if options.flash else 'SDPA / flex'}, gradient checkpointing "
+          f"{'on' if options.gradient_checkpointing else 'off'}, loss chunk {options.loss_chunk_size or 'off (full logits)'}, "
+          f"document attention {'on' if options.document_attention else 'off'})", flush=True)
     run_training(command, work / "train.log", timeout)
 
     measured = read_window(work / "run" / "metrics.jsonl", options)

@@ -66,6 +66,16 @@ class ModelConfig:
     """Dtype to load weights in; 'auto' follows the DeepSpeed JSON (bf16 -> bfloat16, fp16 -> float16, else float32)."""
     use_flash_attention_2: bool = False
     """Use flash_attention_2 (needs the 'flash' extra and a GPU); otherwise PyTorch SDPA."""
+    document_attention: bool = True
+    """Attend only within each document of a packed sample (position ids restart at every document start);
+    false lets a token attend to earlier documents of its window (the baseline's behaviour). Part of the
+    resume fingerprint."""
+    loss_chunk_size: int = 1024
+    """Tokens per chunk of the fused head projection + cross entropy: the full [tokens, vocabulary]
+    logits are never held, only one chunk's. 0 computes the full logits (the Hugging Face path)."""
+    use_liger_kernel: bool = False
+    """CUDA + the 'gpu' extra: Liger-Kernel's fused linear cross entropy (and its RMSNorm / SwiGLU / RoPE
+    kernels) instead of the chunked loss."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     full_finetuning: bool = False
@@ -109,6 +119,12 @@ class ModelConfig:
             if self.load_in_kbits != 16:
                 found.append("load_in_kbits 4/8 quantizes frozen base weights for QLoRA; "
                              "full_finetuning cannot train quantized weights: set full_finetuning false")
+        if self.loss_chunk_size < 0:
+            found.append(f"loss_chunk_size must be >= 0 (0 = full logits), got {self.loss_chunk_size}")
+        if not self.full_finetuning and "lm_head" in self.trainable_modules and \
+                (self.loss_chunk_size > 0 or self.use_liger_kernel):
+            found.append("LoRA on lm_head cannot run through the chunked / Liger loss (it reads the head weight "
+                         "directly); train lm_head in full with modules_to_save, or set loss_chunk_size 0")
         if self.load_in_kbits != 16 and self.model_name_or_path is None:
             found.append("load_in_kbits needs pretrained weights to quantize: set model_name_or_path")
         return found

@@ -149,7 +149,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
         shutil.copy2(file, temporary / file.name)
     (temporary / EXPORT_INFO).write_text(json.dumps(
         {"checkpoint": str(checkpoint.resolve()), "kind": kind, "dtype": str(torch_dtype).removeprefix("torch."),
-         "step": meta["step"], "base_model": meta.get("base_model")}, indent=2) + "\n")
+         "step": meta["step"], "base_model": meta.get("base_model"),
+         "document_attention": trained_document_attention(checkpoint)}, indent=2) + "\n")
     if output.exists():
         shutil.rmtree(output)
     os.replace(temporary, output)
@@ -157,7 +158,24 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
     return output
 
 
-def load_exported_model(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> Any:
+def trained_document_attention(checkpoint: Path) -> bool:
+    """Whether the checkpoint was trained with document attention (runs from before the field: no)."""
+    run_config = checkpoint / "run_config.json"
+    if not run_config.is_file():
+        return False
+    return bool(json.loads(run_config.read_text()).get("document_attention", False))
+
+
+def exported_document_attention(folder: str | os.PathLike) -> bool | None:
+    """The document_attention an exported folder was trained with, or None when it does not say."""
+    info = Path(folder) / EXPORT_INFO
+    if not info.is_file():
+        return None
+    return json.loads(info.read_text()).get("document_attention")
+
+
+def load_exported_model(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+                        attn_implementation: str = "sdpa") -> Any:
     """Load what ``export_checkpoint`` wrote: a full model folder, or a peft adapter on its base model.
 
     For an adapter the base is grown to the tokenizer's size exactly as training did (same new rows),
@@ -170,7 +188,7 @@ def load_exported_model(folder: str | os.PathLike, *, dtype: torch.dtype = torch
 
     folder = Path(folder)
     if not (folder / "adapter_config.json").is_file():
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
     from peft import PeftModel
 
     base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
@@ -181,6 +199,6 @@ def load_exported_model(folder: str | os.PathLike, *, dtype: torch.dtype = torch
         raise CheckpointError(f"{folder} is a LoRA adapter whose base model {base!r} is not a local folder; "
                               "set base_model_name_or_path in its adapter_config.json")
     with _local_construction():
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation=attn_implementation)
         resize_embeddings(model, len(load_tokenizer(folder)), tokenizer_path=folder, model_path=base)
         return PeftModel.from_pretrained(model, folder)

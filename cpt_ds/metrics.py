@@ -2,7 +2,9 @@
 
 Labels are already shifted by the sample layout (``labels[t]`` is the token after ``input_ids[t]``,
 see cpt_ds/data/samples.py), so the prediction at position ``t`` is scored against ``labels[t]``.
-Per rank and batch we keep three numbers, and only these cross the network:
+The per-position losses and correct flags come from the loss (cpt_ds/loss.py), which computes them a
+chunk of tokens at a time without the full logits. Per rank and batch we keep three numbers, and only
+these cross the network:
 
     loss_sum  = sum over labelled positions of -log p(label)     (fixed point, int64)
     correct   = number of positions whose argmax == label          (int64)
@@ -29,6 +31,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from cpt_ds.data.sampler import IGNORE_INDEX
+from cpt_ds.loss import LossOutput, causal_lm_of
+from cpt_ds.model import model_inputs, module_attention_implementation
 
 LOSS_UNITS_PER_NAT = 2**24
 """Fixed-point scale: 2**-24 nats resolution; int64 holds 2**63 / (30 * 2**24), about 1.8e10 tokens at loss 30."""
@@ -41,28 +45,30 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return flat.view(labels.shape)
 
 
-def sample_stats(losses: torch.Tensor, labels: torch.Tensor, correct: torch.Tensor | None = None) -> torch.Tensor:
-    """``int64[B, 3] = [loss_sum (fixed point), correct, tokens]`` per sample (row) of a batch; no gradient.
+def loss_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> LossOutput:
+    """A LossOutput from materialized logits (a plain Hugging Face model's output), with correct flags."""
+    losses = token_losses(logits, labels)
+    correct = (logits.detach().argmax(dim=-1) == labels) & (labels != IGNORE_INDEX)
+    return LossOutput(loss=losses.sum(), token_losses=losses.detach(), correct=correct)
 
-    ``losses`` are per-position cross entropies (0 where ignored), ``correct`` per-position argmax hits
-    or None (training skips the argmax, a full extra pass over vocabulary-sized logits; correct is 0).
+
+def sample_stats(output: LossOutput, labels: torch.Tensor, *, with_accuracy: bool = True) -> torch.Tensor:
+    """``int64[B, 3] = [loss_sum (fixed point), correct, tokens]`` per sample (row) of a batch, from the
+    loss's per-position losses and correct flags (no logits needed); no gradient.
+
+    Training passes ``with_accuracy=False`` (its loss computes no argmax); ``correct`` is then 0.
     Rows are what per-corpus sums are grouped by: each sample comes from exactly one corpus.
     """
     with torch.no_grad():
         mask = labels != IGNORE_INDEX
-        fixed = torch.round(losses.detach().double() * LOSS_UNITS_PER_NAT).long() * mask
-        hits = (correct & mask).sum(dim=-1) if correct is not None else mask.new_zeros(mask.shape[0], dtype=torch.long)
+        fixed = torch.round(output.token_losses.detach().double() * LOSS_UNITS_PER_NAT).long() * mask
+        hits = (output.correct & mask).sum(dim=-1) if with_accuracy else mask.new_zeros(mask.shape[0], dtype=torch.long)
         return torch.stack([fixed.sum(dim=-1), hits, mask.sum(dim=-1)], dim=-1).to(torch.int64).cpu()
 
 
-def batch_stats(logits: torch.Tensor, labels: torch.Tensor, losses: torch.Tensor | None = None, *,
-                with_accuracy: bool = True) -> torch.Tensor:
+def batch_stats(output: LossOutput, labels: torch.Tensor, *, with_accuracy: bool = True) -> torch.Tensor:
     """``int64[3] = [loss_sum (fixed point), correct, tokens]`` of one batch; no gradient."""
-    with torch.no_grad():
-        if losses is None:
-            losses = token_losses(logits, labels)
-        correct = logits.detach().argmax(dim=-1) == labels if with_accuracy else None
-        return sample_stats(losses, labels, correct).sum(dim=0)
+    return sample_stats(output, labels, with_accuracy=with_accuracy).sum(dim=0)
 
 
 def by_corpus(stats: torch.Tensor, corpus: torch.Tensor, num_corpora: int) -> torch.Tensor:
@@ -120,30 +126,38 @@ def all_reduce_flag(flag: bool) -> bool:
 
 
 @torch.no_grad()
-def evaluate(engine_or_module: Any, batches: Any) -> TokenMetrics:
+def evaluate(engine_or_module: Any, batches: Any, *, document_attention: bool) -> TokenMetrics:
     """Token-weighted loss, next-token accuracy and perplexity of a model over this rank's batches.
 
+    The model must carry cpt-ds's loss forward (``cpt_ds.loss.attach_loss_forward``; ``build_model`` and
+    ``load_exported_model`` users attach it), so eval never holds more than one chunk of logits.
     Every rank must call this with the same number of batches (see ``eval_batches``).
     """
-    return evaluate_sets(engine_or_module, {"all": batches})["all"]
+    return evaluate_sets(engine_or_module, {"all": batches}, document_attention=document_attention)["all"]
 
 
 @torch.no_grad()
-def evaluate_sets(engine_or_module: Any, sets: dict[str, Any]) -> dict[str, TokenMetrics]:
+def evaluate_sets(engine_or_module: Any, sets: dict[str, Any], *, document_attention: bool) -> dict[str, TokenMetrics]:
     """``evaluate`` for several named sets at once: one all-reduce of an ``int64[sets, 3]`` tensor.
 
     Every rank must pass the same set names, and the same number of batches per set.
     """
     module = engine_or_module
+    inner = causal_lm_of(getattr(module, "module", module))
+    assert hasattr(inner, "cpt_ds_loss_settings"), "evaluate needs attach_loss_forward(model, ...) first"
+    implementation = module_attention_implementation(module)
     was_training = module.training
     module.eval()
     device = next(_parameters_device(module))
     stats = torch.zeros(len(sets), 3, dtype=torch.int64)
     for index, batches in enumerate(sets.values()):
         for batch in batches:
-            logits = module(input_ids=batch["input_ids"].to(device)).logits
-            stats[index] += batch_stats(logits, batch["labels"].to(device))
-            del logits
+            labels = batch["labels"].to(device)
+            output = module(**model_inputs(batch, document_attention=document_attention,
+                                           implementation=implementation, device=device),
+                            labels=labels, return_correct=True)
+            stats[index] += batch_stats(output, labels)
+            del output
     if was_training:
         module.train()
     total = all_reduce_stats(stats)

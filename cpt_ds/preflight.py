@@ -19,6 +19,7 @@ from cpt_ds.data.indexed import IndexedTokenFile, TokenFileError, resolve_token_
 from cpt_ds.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from cpt_ds.ds_config import DeepSpeedSettings, load_deepspeed_config
 from cpt_ds.hardware import slow_cpu_precision_warning
+from cpt_ds.loss import liger_problems
 from cpt_ds.model import attention_problems, dtype_problems, load_hf_config, quantization_problems
 from cpt_ds.model import grown_vocabulary_problems
 
@@ -164,6 +165,7 @@ def preflight(config: RunConfig, *, world_size: int, rank: int = 0) -> Plan:
                     problems.append(f"{ours} {getattr(config.optim, ours)} != optimizer.params.{theirs} "
                                     f"{params[theirs]} in {ds.path}; make them equal or drop it from the JSON")
     problems += attention_problems(model_cfg)
+    problems += liger_problems(model_cfg.use_liger_kernel)
     if ds is not None and rank == 0 and not torch.cuda.is_available():
         warning = slow_cpu_precision_warning(ds.precision, ds.path)
         if warning is not None:

@@ -1,5 +1,9 @@
 """The training loop on a DeepSpeed engine: batch -> forward -> loss -> backward -> step.
 
+Per micro-batch the model returns the loss summed over its labelled positions (cpt_ds/loss.py: the head
+and cross entropy run a chunk of tokens at a time, never holding the full logits), with attention
+limited to each token's own document when ``document_attention`` is on (cpt_ds/model.py).
+
 Gradient math: per micro-batch we backpropagate ``loss_sum * accumulation * world / global_tokens``.
 DeepSpeed divides by the accumulation steps and averages gradients over data-parallel ranks, so the
 applied gradient is exactly that of the token-weighted mean loss over the whole global batch
@@ -25,6 +29,7 @@ from cpt_ds.data.corpora import RunData, build_run_data
 from cpt_ds.data.indexed import IndexedTokenFile
 from cpt_ds.data.sampler import IGNORE_INDEX, TrainLoader, eval_batches
 from cpt_ds.distributed import barrier, destroy_process_group, device, init_distributed, setup_logging
+from cpt_ds.loss import LossOutput
 from cpt_ds.metrics import (
     MetricsLog,
     TokenMetrics,
@@ -33,7 +38,6 @@ from cpt_ds.metrics import (
     evaluate_sets,
     peak_memory_gib,
     sample_stats,
-    token_losses,
     total_metrics,
 )
 from cpt_ds.model import (
@@ -43,6 +47,8 @@ from cpt_ds.model import (
     flops_per_token,
     matmul_parameters,
     mfu,
+    model_inputs,
+    module_attention_implementation,
     peak_tflops,
     training_dtype,
 )
@@ -103,6 +109,7 @@ class Trainer:
 
         self.built: BuiltModel = build_model(config.model, self.ds, vocab_size=self.plan.vocab_size,
                                              seed=config.train.seed)
+        self.attention_implementation = module_attention_implementation(self.built.module)
         self.num_parameters, self.num_trainable = count_parameters(self.built.module)
         optimizer, parameters = build_optimizer(self.built.module, config.optim, self.ds)
         import deepspeed
@@ -159,6 +166,7 @@ class Trainer:
             "model_shape": shape,
             "adapter": adapter,
             "zero_stage": self.ds.zero_stage,
+            "document_attention": model.document_attention,
         }
 
     def _check_compatible(self, path: Path, marker: dict[str, Any]) -> None:
@@ -187,6 +195,11 @@ class Trainer:
         if old["zero_stage"] != new["zero_stage"]:
             changed.append(f"ZeRO stage ({old['zero_stage']} -> {new['zero_stage']}); resume with the "
                            "DeepSpeed JSON it was saved with")
+        # Checkpoints from before the field existed were trained with attention across documents.
+        if old.get("document_attention", False) != new["document_attention"]:
+            changed.append(f"document_attention ({old.get('document_attention', False)} -> "
+                           f"{new['document_attention']}): the model was trained with the other attention; "
+                           f"resume with --document_attention {str(old.get('document_attention', False)).lower()}")
         if changed:
             raise CheckpointError(f"cannot resume from {path}: changed since it was saved: " + "; ".join(changed)
                                   + ". Restore them, or start fresh in a new output_dir")
@@ -267,13 +280,17 @@ class Trainer:
         ds = self.ds
         logger.info(
             "cpt-ds %s | world %d | ZeRO-%d %s | micro %d x accumulation %d x ranks %d = %d samples/step "
-            "(%d tokens) | %d steps, warmup %d | params %.2fM, trainable %.2fM | %d train samples, %s eval samples"
-            "\n  data: %s\n  eval sets: %s",
+            "(%d tokens) | %d steps, warmup %d | params %.2fM, trainable %.2fM | %d train samples, %s eval samples | "
+            "attention %s, document attention %s | loss %s\n  data: %s\n  eval sets: %s",
             __version__, self.world_size, ds.zero_stage, ds.precision, ds.micro_batch_size,
             ds.gradient_accumulation_steps, self.world_size, self.loader.global_batch_size,
             self.loader.global_batch_size * self.config.data.block_size, self.total_steps, self.warmup_steps,
             self.num_parameters / 1e6, self.num_trainable / 1e6, len(self.train_samples),
-            sum(len(c.samples) for c in self.data.eval_sets) or "no", self._components_text(),
+            sum(len(c.samples) for c in self.data.eval_sets) or "no", self.attention_implementation,
+            "on" if self.config.model.document_attention else "off",
+            "liger" if self.config.model.use_liger_kernel else
+            f"chunks of {self.config.model.loss_chunk_size} tokens" if self.config.model.loss_chunk_size else "full logits",
+            self._components_text(),
             ", ".join(f"{c.name} ({len(c.samples)} samples)" for c in self.data.eval_sets) or "none")
 
     def _components_text(self) -> str:
@@ -346,16 +363,15 @@ class Trainer:
         self.engine.train()
         for index, batch in enumerate(micro_batches):
             labels = batch["labels"].to(self.device)
-            logits = self.engine(input_ids=batch["input_ids"].to(self.device)).logits
-            losses = token_losses(logits, labels)
-            loss_sum = losses.sum()
-            finite = bool(torch.isfinite(loss_sum))
+            output = self.forward(batch, labels)
+            finite = bool(torch.isfinite(output.loss))
             if finite:
-                stats[:num_corpora] += by_corpus(sample_stats(losses, labels), batch["corpus"], num_corpora)
+                stats[:num_corpora] += by_corpus(sample_stats(output, labels, with_accuracy=False), batch["corpus"],
+                                                 num_corpora)
             else:
                 stats[num_corpora, 0] += 1
-            del logits
-            self.engine.backward(loss_sum * scale)
+            self.engine.backward(output.loss * scale)
+            del output
             if index < len(micro_batches) - 1:
                 self.engine.step()  # DeepSpeed counts micro-steps; no optimizer step before the boundary
         total = all_reduce_stats(stats)
@@ -375,6 +391,13 @@ class Trainer:
                 f"JSON, check the data, or resume from the last checkpoint in {self.output_dir}")
         return total[:num_corpora], (float(norm) if norm is not None else None)
 
+    def forward(self, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> LossOutput:
+        """The loss of one micro-batch (cpt_ds/loss.py): summed over its labelled positions, plus the
+        detached per-position losses; only model inputs go in (a batch may carry other keys)."""
+        inputs = model_inputs(batch, document_attention=self.config.model.document_attention,
+                              implementation=self.attention_implementation, device=self.device)
+        return self.engine(**inputs, labels=labels)
+
     def evaluate_and_log(self) -> TokenMetrics:
         """Evaluate every validation set; ``eval_loss`` is the token-weighted mean over all of them."""
         assert self.data.eval_sets
@@ -382,7 +405,8 @@ class Trainer:
         micro = self.config.train.per_device_eval_batch_size or self.ds.micro_batch_size
         per_set = evaluate_sets(self.engine, {
             corpus.name: eval_batches(corpus.samples, micro_batch_size=micro, dp_rank=self.rank,
-                                      dp_world_size=self.world_size) for corpus in self.data.eval_sets})
+                                      dp_world_size=self.world_size) for corpus in self.data.eval_sets},
+            document_attention=self.config.model.document_attention)
         result = total_metrics(per_set.values())
         record = {"step": self.step, "eval_loss": result.loss, "eval_accuracy": result.accuracy,
                   "perplexity": result.perplexity, "eval_tokens": result.tokens,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cpt_ds.config import OptimConfig
-from cpt_ds.metrics import LOSS_UNITS_PER_NAT, TokenMetrics, batch_stats
+from cpt_ds.metrics import LOSS_UNITS_PER_NAT, TokenMetrics, batch_stats, loss_from_logits
 from cpt_ds.optim import lr_at, warmup_steps_for
 
 
@@ -18,7 +18,7 @@ def test_batch_stats_score_position_t_against_label_t():
     logits[0, 1, 1] = 10.0  # predicts 1
     logits[0, 2, 3] = 10.0  # predicts 3, but this label is ignored
     labels = torch.tensor([[2, 3, -100]])
-    stats = TokenMetrics.from_tensor(batch_stats(logits, labels))
+    stats = TokenMetrics.from_tensor(batch_stats(loss_from_logits(logits, labels), labels))
     assert (stats.correct, stats.tokens) == (1, 2)
     expected = (torch.nn.functional.cross_entropy(logits[0, :2], labels[0, :2], reduction="sum")).item()
     assert stats.loss == pytest.approx(expected / 2, abs=2 / LOSS_UNITS_PER_NAT)
@@ -28,8 +28,11 @@ def test_batch_stats_score_position_t_against_label_t():
 def test_fixed_point_sums_do_not_depend_on_how_positions_are_split():
     torch.manual_seed(0)
     logits, labels = torch.randn(6, 5, 50), torch.randint(0, 50, (6, 5))
-    whole = batch_stats(logits, labels)
-    parts = batch_stats(logits[:1], labels[:1]) + batch_stats(logits[1:4], labels[1:4]) + batch_stats(logits[4:], labels[4:])
+    def stats(rows):
+        return batch_stats(loss_from_logits(logits[rows], labels[rows]), labels[rows])
+
+    whole = stats(slice(None))
+    parts = stats(slice(0, 1)) + stats(slice(1, 4)) + stats(slice(4, None))
     assert torch.equal(whole, parts)
 
 

@@ -289,7 +289,9 @@ def test_logged_losses_are_global_token_weighted_means(assets, tmp_path):
     from cpt_ds.data.indexed import IndexedTokenFile
     from cpt_ds.data.samples import PackedSamples, TokenStream, split_documents
     from cpt_ds.data.sampler import SampleOrder, collate, eval_batches
+    from cpt_ds.loss import LossSettings, attach_loss_forward
     from cpt_ds.metrics import TokenMetrics, batch_stats, evaluate
+    from cpt_ds.model import DOCUMENT_SDPA, model_inputs, register_document_sdpa
 
     out = tmp_path / "out"
     train(lora_config(assets, out, lora_dropout=0.0, max_steps=1), workdir=tmp_path).check()
@@ -297,7 +299,10 @@ def test_logged_losses_are_global_token_weighted_means(assets, tmp_path):
     logged_eval = eval_records(out)[0]
 
     torch.set_num_threads(1)  # the ranks ran single-threaded; same kernels, same bits
-    model = AutoModelForCausalLM.from_pretrained(assets.base_model, dtype=torch.float32)
+    register_document_sdpa()  # the run's attention path on CPU, loss and document attention (defaults)
+    model = AutoModelForCausalLM.from_pretrained(assets.base_model, dtype=torch.float32,
+                                                 attn_implementation=DOCUMENT_SDPA)
+    attach_loss_forward(model, LossSettings())
     files = [IndexedTokenFile(assets.corpus)]
     train_segments, eval_segments = split_documents(files, 0.05, seed=7)
     train_samples = PackedSamples(TokenStream(files, train_segments), 32)
@@ -307,10 +312,12 @@ def test_logged_losses_are_global_token_weighted_means(assets, tmp_path):
     with torch.no_grad():
         for rank_ids in (ids[:4], ids[4:]):  # each rank's micro-batch of 4
             batch = collate([train_samples[int(i)] for i in rank_ids])
-            stats += batch_stats(model(input_ids=batch["input_ids"]).logits, batch["labels"])
+            inputs = model_inputs(batch, document_attention=True, implementation=DOCUMENT_SDPA, device=torch.device("cpu"))
+            stats += batch_stats(model(**inputs, labels=batch["labels"]), batch["labels"], with_accuracy=False)
     assert TokenMetrics.from_tensor(stats).loss == logged_train
 
-    single = evaluate(model, eval_batches(eval_samples, micro_batch_size=4, dp_rank=0, dp_world_size=1))
+    single = evaluate(model, eval_batches(eval_samples, micro_batch_size=4, dp_rank=0, dp_world_size=1),
+                      document_attention=True)
     assert (single.loss, single.accuracy, single.tokens) == (
         logged_eval["eval_loss"], logged_eval["eval_accuracy"], logged_eval["eval_tokens"])
 

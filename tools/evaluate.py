@@ -6,7 +6,7 @@
 Each ``--data`` is one set (named like train.py names eval_data_path sets); one row per set and the
 token-weighted total. ``--max_samples`` applies to each set.
 
-Uses the training code's samples and distributed metrics (all-reduced sums, never gathered logits),
+Uses the training code's samples, document attention, chunked loss and distributed metrics (all-reduced sums, never gathered logits),
 so on the same samples it reproduces the eval_loss that train.py logged. ``--model`` may be a full
 model folder or a peft adapter folder (its base model is loaded from the adapter's config).
 """
@@ -22,13 +22,16 @@ from pathlib import Path
 import torch
 
 from cpt_ds.data.blend import parse_named_paths
+from cpt_ds.config import ModelConfig
 from cpt_ds.data.indexed import IndexedTokenFile, TokenFileError
 from cpt_ds.data.samples import PackedSamples, TokenStream
 from cpt_ds.data.sampler import eval_batches
 from cpt_ds.data.tokenizer import tokenizer_files, tokenizer_fingerprint
 from cpt_ds.distributed import device, exit_process, init_distributed, setup_logging
-from cpt_ds.export import load_exported_model
+from cpt_ds.export import exported_document_attention, load_exported_model
+from cpt_ds.loss import LossSettings, attach_loss_forward
 from cpt_ds.metrics import evaluate_sets, total_metrics
+from cpt_ds.model import attention_implementation
 from cpt_ds.preflight import sidecar_tokenizer_fingerprint
 
 logger = logging.getLogger("cpt_ds.evaluate")
@@ -44,9 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=4, help="samples per forward per rank")
     parser.add_argument("--max_samples", type=int, default=None)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--document_attention", choices=("true", "false"), default=None,
+                        help="attend only within each document of a window; default: what the model was trained "
+                             "with (cpt_ds_export.json), else true")
+    parser.add_argument("--loss_chunk_size", type=int, default=1024,
+                        help="tokens per chunk of the head + loss (0 = full logits)")
     parser.add_argument("--output", help="also write the result as JSON here")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.loss_chunk_size < 0:
+        parser.error(f"--loss_chunk_size must be >= 0, got {args.loss_chunk_size}")
 
     rank, world_size, _ = init_distributed()
     setup_logging(rank)
@@ -78,14 +88,23 @@ def main(argv: list[str] | None = None) -> int:
     if small:
         print(f"error: {', '.join(small)} hold fewer than block_size {args.block_size} + 1 tokens", file=sys.stderr)
         return 2
-    model = load_exported_model(folder, dtype=DTYPES[args.dtype]).to(device())
+    if args.document_attention is not None:
+        document_attention = args.document_attention == "true"
+    else:
+        trained_with = exported_document_attention(folder)
+        document_attention = True if trained_with is None else trained_with
+    # The attention path training used on this kind of device, so the numbers match train.py's eval.
+    implementation = attention_implementation(ModelConfig(document_attention=document_attention))
+    model = load_exported_model(folder, dtype=DTYPES[args.dtype], attn_implementation=implementation).to(device())
+    attach_loss_forward(model, LossSettings(chunk_size=args.loss_chunk_size))
     per_set = evaluate_sets(model, {name: eval_batches(part, micro_batch_size=args.batch_size, dp_rank=rank,
-                                                       dp_world_size=world_size) for name, part in samples.items()})
+                                                       dp_world_size=world_size) for name, part in samples.items()},
+                            document_attention=document_attention)
     result = total_metrics(per_set.values())
     record = {"model": str(folder), "data": args.data, "block_size": args.block_size,
               "samples": sum(len(part) for part in samples.values()),
               "eval_loss": result.loss, "eval_accuracy": result.accuracy, "perplexity": result.perplexity,
-              "eval_tokens": result.tokens, "ranks": world_size,
+              "eval_tokens": result.tokens, "ranks": world_size, "document_attention": document_attention,
               "sets": {name: {"eval_loss": m.loss, "eval_accuracy": m.accuracy, "perplexity": m.perplexity,
                               "eval_tokens": m.tokens, "samples": len(samples[name])} for name, m in per_set.items()}}
     if rank == 0:

@@ -153,7 +153,7 @@ def eval_batches(
             if index < num_samples:
                 batch.append(samples[index])
             else:
-                filler = dict(samples[0])
+                filler = dict(samples[0])  # every key of a real sample (position ids, ...), no labels
                 filler["labels"] = np.full_like(filler["labels"], IGNORE_INDEX)
                 batch.append(filler)
         yield collate(batch)

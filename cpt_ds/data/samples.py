@@ -10,9 +10,14 @@ i.e. the label at position ``t`` is the *next* token, so every stream token exce
 label exactly once and consecutive samples share one boundary token (as in Megatron's GPTDataset).
 The model's logits are scored against ``labels`` directly, without a further shift.
 
-Extension points, kept explicit so later work does not rewrite this path:
-- document-aware attention: ``TokenStream.document_starts`` gives the document starts inside a
-  window, from which a collator can build restarting position ids / varlen sequence lengths;
+Document-aware attention: every sample also carries ``position_ids`` that restart at 0 at the
+window start and at every document start inside the window (``TokenStream.document_starts``). A
+document's EOS is the last token of the document it closes, so the EOS position keeps its document's
+count and the next token is position 0; labels are untouched (the label at an EOS is still the next
+document's first token). cpt_ds/model.py turns these position ids into the attention mask; with
+``document_attention`` off they are ignored and the model counts positions 0 .. L-1 as before.
+
+Extension point, kept explicit so later work does not rewrite this path:
 - weighted blending: a blend is another ``SampleSource`` (``__len__`` + ``__getitem__``) mapping its
   sample ids onto several ``PackedSamples``; the sampler only sees sample ids.
 """
@@ -126,7 +131,17 @@ class PackedSamples:
             raise IndexError(f"sample {index} out of range for {self.num_samples} samples")
         start = index * self.block_size
         window = self.stream.read(start, start + self.block_size + 1)
-        return {"input_ids": window[:-1], "labels": window[1:]}
+        starts = self.stream.document_starts(start, start + self.block_size)
+        return {"input_ids": window[:-1], "labels": window[1:],
+                "position_ids": document_positions(starts, self.block_size)}
+
+
+def document_positions(document_starts: np.ndarray, length: int) -> np.ndarray:
+    """Position of each of ``length`` tokens inside its document, counting from the window start for
+    the document the window cuts: ``document_starts`` [0, 3] and length 5 give [0, 1, 2, 0, 1]."""
+    starts = np.union1d(np.zeros(1, dtype=np.int64), document_starts.astype(np.int64))
+    tokens = np.arange(length, dtype=np.int64)
+    return tokens - starts[np.searchsorted(starts, tokens, side="right") - 1]
 
 
 def split_documents(

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 
-import cpt_ds.trainer as trainer_module
 from cpt_ds.config import RunConfig
 from cpt_ds.distributed import exit_process
 from cpt_ds.export import trained_state_dict
@@ -31,15 +30,15 @@ def main() -> int:
     report = Path(take(argv, "--report"))
     nan_at_step, nan_rank = int(take(argv, "--nan_at_step")), int(take(argv, "--nan_rank"))
     trainer = Trainer(RunConfig.load(argv))
-    clean = trainer_module.token_losses
+    clean = trainer.forward
 
-    def poisoned(logits, labels):
-        losses = clean(logits, labels)
+    def poisoned(batch, labels):
+        output = clean(batch, labels)
         if trainer.step + 1 == nan_at_step and trainer.rank == nan_rank:
-            losses = losses * float("nan")
-        return losses
+            output.loss = output.loss * float("nan")
+        return output
 
-    trainer_module.token_losses = poisoned
+    trainer.forward = poisoned
     try:
         trainer.train()
     except NonFiniteLossError as error:
