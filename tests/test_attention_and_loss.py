@@ -309,3 +309,18 @@ def test_resume_refuses_a_change_of_document_attention():
                 {key: value for key, value in fingerprints.items() if key != "document_attention"}):
         with pytest.raises(CheckpointError, match=r"document_attention \(False -> True\).*--document_attention false"):
             Trainer._check_compatible(trainer, Path("step-1"), {"fingerprints": old})
+
+
+def test_the_flex_block_mask_selects_what_the_explicit_mask_selects():
+    """The CUDA flex path's BlockMask, run through flex_attention's eager reference on CPU."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from cpt_ds.model import document_block_mask
+
+    torch.manual_seed(0)
+    positions = torch.tensor([list(range(40)) + list(range(100)) + list(range(70)) + list(range(46)), list(range(256))])
+    query, key, value = (torch.randn(2, 2, 256, 16) for _ in range(3))
+    flex = flex_attention(query, key, value, block_mask=document_block_mask(positions))
+    masked = torch.nn.functional.scaled_dot_product_attention(query, key, value,
+                                                              attn_mask=document_causal_mask(positions))
+    torch.testing.assert_close(flex, masked, atol=1e-5, rtol=0)
