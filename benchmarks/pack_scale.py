@@ -5,7 +5,7 @@ pack killed half way then resumed.
     python benchmarks/pack_scale.py --tokenizer ../shared/llama3-tokenizer --work /tmp/pack_scale \\
         --sizes-mb 64 256 1024 [--workers 2] [--resume-size-mb 256]
 
-The input is the same real text (the Chinese sample of tests/assets and Python's reference manual,
+The input is the same real text (the Chinese sample of cpt_ds/assets and Python's reference manual,
 one document per line) repeated into 64 MB ``.txt`` files until each size is reached, under
 ``WORK/input_SIZE`` (never in git). Each size is packed by ``tools/pack_corpus.py`` in a fresh
 process; while it runs, ``VmHWM`` (peak resident memory) of the packer and of every worker is read
