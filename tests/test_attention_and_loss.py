@@ -301,7 +301,9 @@ def test_resume_refuses_a_change_of_document_attention():
     from cpt_ds.checkpoint import CheckpointError
     from cpt_ds.trainer import Trainer
 
-    fingerprints = {"train_data": "a", "eval_data": None, "token_files": {}, "tokenizer": "t" * 12,
+    fingerprints = {"data_split": {"train": {"a": "x"}, "eval": {}}, "blend": [{"name": "a", "weight": None,
+                                                                               "num_samples": 9}],
+                    "token_files": {}, "tokenizer": "t" * 12,
                     "model_shape": {}, "adapter": "full", "zero_stage": 2, "document_attention": True}
     trainer = SimpleNamespace(fingerprints=fingerprints)
     Trainer._check_compatible(trainer, Path("step-1"), {"fingerprints": dict(fingerprints)})  # unchanged: fine
