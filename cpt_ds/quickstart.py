@@ -10,7 +10,7 @@
    (data_path 0.75 zh 0.25 en), evaluated per set (zh, en) before and after;
 6. the per-set table (Chinese falls, English holds) and the run's plot (tools/plot_run.py).
 
-    python -m cpt_ds.quickstart [--workdir quickstart_out] [--pretrain_steps 120] [--cpt_steps 90]
+    python -m cpt_ds.quickstart [--workdir quickstart_out] [--pretrain_steps 80] [--cpt_steps 60]
 """
 
 from __future__ import annotations
@@ -154,8 +154,8 @@ def launch_training(run_config: dict, work: Path, name: str, *, master_port: int
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="quickstart_out", help="where corpora, token files and runs go")
-    parser.add_argument("--pretrain_steps", type=int, default=120, help="steps of the English base model")
-    parser.add_argument("--cpt_steps", type=int, default=90, help="steps of continued pretraining on the blend")
+    parser.add_argument("--pretrain_steps", type=int, default=80, help="steps of the English base model")
+    parser.add_argument("--cpt_steps", type=int, default=60, help="steps of continued pretraining on the blend")
     parser.add_argument("--replay", type=float, default=0.25, help="share of English replay in the blend")
     parser.add_argument("--master_port", type=int, default=29555)
     args = parser.parse_args(argv)
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[5/6] continued pretraining on Chinese with {args.replay:.0%} English replay "
           f"(data_path {weights[0]} data/zh {weights[2]} data/en, {args.cpt_steps} steps)", flush=True)
     cpt = {**common, "model_name_or_path": str(work / "base" / "final"), "data_path": weights, "learning_rate": 1e-3,
-           "max_steps": args.cpt_steps, "eval_steps": max(1, args.cpt_steps // 3), "output_dir": str(work / "cpt")}
+           "max_steps": args.cpt_steps, "output_dir": str(work / "cpt")}
     if launch_training(cpt, work, "cpt", master_port=args.master_port, num_ranks=num_ranks) != 0:
         return 1
 

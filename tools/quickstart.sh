@@ -17,5 +17,6 @@ source "$VENV/bin/activate"
 python -m pip install -q --upgrade pip
 # torch first and pinned: an unpinned torch may pull a multi-GB build that does not match this machine.
 python -m pip install -q torch==2.13.0
-python -m pip install -q -e .
+# The plot extra: the quick start ends by drawing the run (tools/plot_run.py).
+python -m pip install -q -e ".[plot]"
 exec python -m cpt_ds.quickstart "$@"
