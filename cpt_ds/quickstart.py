@@ -10,7 +10,7 @@
    (data_path 0.75 zh 0.25 en), evaluated per set (zh, en) before and after;
 6. the per-set table (Chinese falls, English holds) and the run's plot (tools/plot_run.py).
 
-    python -m cpt_ds.quickstart [--workdir quickstart_out] [--pretrain_steps 80] [--cpt_steps 60]
+    python -m cpt_ds.quickstart [--workdir quickstart_out] [--pretrain_steps 70] [--cpt_steps 50]
 """
 
 from __future__ import annotations
@@ -154,8 +154,8 @@ def launch_training(run_config: dict, work: Path, name: str, *, master_port: int
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="quickstart_out", help="where corpora, token files and runs go")
-    parser.add_argument("--pretrain_steps", type=int, default=80, help="steps of the English base model")
-    parser.add_argument("--cpt_steps", type=int, default=60, help="steps of continued pretraining on the blend")
+    parser.add_argument("--pretrain_steps", type=int, default=70, help="steps of the English base model")
+    parser.add_argument("--cpt_steps", type=int, default=50, help="steps of continued pretraining on the blend")
     parser.add_argument("--replay", type=float, default=0.25, help="share of English replay in the blend")
     parser.add_argument("--master_port", type=int, default=29555)
     args = parser.parse_args(argv)
@@ -197,15 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     model_config = write_model_config(work / "model_config", vocab_size=2048)
     common = {
         "tokenizer_name_or_path": str(tokenizer), "full_finetuning": True, "block_size": 128,
-        "eval_data_path": [f"zh={data['zh_valid']}", f"en={data['en_valid']}"],
         "deepspeed": str(ds_json), "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
         "warmup_ratio": 0.05, "weight_decay": 0.01, "logging_steps": 25, "save_total_limit": 2, "seed": 1234,
     }
     print(f"[4/6] pretraining a tiny LLaMA-3-shaped base model on English ({args.pretrain_steps} steps, "
           f"{num_ranks} ranks, ZeRO-2 | device {device_name} | precision {precision} ({ds_json.relative_to(REPO)}))",
           flush=True)
+    # The base run is not evaluated: the table's "before" is the continued-pretraining run's step-0 eval.
     base = {**common, "config_name": str(model_config), "data_path": [str(data["en_train"])], "learning_rate": 2e-3,
-            "max_steps": args.pretrain_steps, "eval_steps": args.pretrain_steps, "output_dir": str(work / "base")}
+            "validation_split_percentage": 0, "max_steps": args.pretrain_steps, "output_dir": str(work / "base")}
     if launch_training(base, work, "base", master_port=args.master_port, num_ranks=num_ranks) != 0:
         return 1
 
@@ -213,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[5/6] continued pretraining on Chinese with {args.replay:.0%} English replay "
           f"(data_path {weights[0]} data/zh {weights[2]} data/en, {args.cpt_steps} steps)", flush=True)
     cpt = {**common, "model_name_or_path": str(work / "base" / "final"), "data_path": weights, "learning_rate": 1e-3,
+           "eval_data_path": [f"zh={data['zh_valid']}", f"en={data['en_valid']}"],
            "max_steps": args.cpt_steps, "output_dir": str(work / "cpt")}
     if launch_training(cpt, work, "cpt", master_port=args.master_port, num_ranks=num_ranks) != 0:
         return 1
