@@ -11,8 +11,8 @@ import sys
 
 from cpt_ds.checkpoint import CheckpointError
 from cpt_ds.config import ConfigError, RunConfig
-from cpt_ds.data.indexed import TokenFileError
 from cpt_ds.distributed import exit_process
+from cpt_ds.token_file import TokenFileError
 from cpt_ds.trainer import DivergedError, Trainer
 
 USER_ERRORS = (ConfigError, CheckpointError, TokenFileError)

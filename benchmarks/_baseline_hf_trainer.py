@@ -38,7 +38,6 @@ import torch
 # benchmarks/ is sys.path[0] when the launcher runs this file, so the probe is shared with the driver.
 from train_speed import EvalMemoryProbe
 
-
 # ---- the baseline's metric functions (verbatim logic) ---------------------------------------------
 
 
@@ -91,8 +90,8 @@ class GroupedTexts(torch.utils.data.Dataset):
     """Window ``i`` of the token file as the row ``group_texts`` would make: input_ids = labels."""
 
     def __init__(self, token_file: str, block_size: int, num_samples: int | None):
-        from cpt_ds.data.indexed import IndexedTokenFile
-        from cpt_ds.data.samples import PackedSamples, TokenStream
+        from cpt_ds.data.windows import PackedSamples, TokenStream
+        from cpt_ds.token_file import IndexedTokenFile
 
         self.samples = PackedSamples(TokenStream.whole([IndexedTokenFile(token_file)]), block_size, num_samples)
 

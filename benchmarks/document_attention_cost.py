@@ -40,11 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from cpt_ds.data.indexed import IndexedTokenFile
-    from cpt_ds.data.samples import PackedSamples, TokenStream
-    from cpt_ds.data.sampler import collate
+    from cpt_ds.data.loader import collate
+    from cpt_ds.data.windows import PackedSamples, TokenStream
     from cpt_ds.loss import LossSettings, attach_loss_forward
     from cpt_ds.model import DOCUMENT_SDPA, model_inputs, register_document_sdpa
+    from cpt_ds.token_file import IndexedTokenFile
 
     torch.set_num_threads(args.threads)
     register_document_sdpa()

@@ -86,7 +86,7 @@ def page_documents(folder: Path) -> list[tuple[str, str]]:
 
 def cjk_lines_of_held_out_pages(source: Path, fraction: float) -> list[str]:
     """The CJK-dominant lines (prose, not code) of the pages the tool held out (same hash, same split)."""
-    from cpt_ds.data.vocab_extension import is_cjk_dominant, is_held_out
+    from cpt_ds.pack.extend_vocab import is_cjk_dominant, is_held_out
 
     lines = []
     for record in source.read_text(encoding="utf-8").splitlines():
@@ -105,7 +105,7 @@ def count_tokens(tokenizer_dir: Path, texts: list[str]) -> int:
 
 
 def part1(corpus: Path, tokenizer: Path, sizes: list[int], work: Path) -> None:
-    from cpt_ds.data.vocab_extension import ExtendOptions, extend_vocabulary, is_cjk_dominant
+    from cpt_ds.pack.extend_vocab import ExtendOptions, extend_vocabulary, is_cjk_dominant
 
     documents = page_documents(corpus)
     source = work / "rbe_zh.jsonl"
@@ -151,7 +151,6 @@ def continue_training(model, train_ids, eval_ids, held_out, *, steps: int, chars
     Returns ``(step, training seconds, characters read, bits per character)``, step 0 first.
     """
     import torch
-
     from test_vocab_bpc import bits_per_char
 
     stream = torch.tensor([t for ids in train_ids for t in [1022, *ids, 1023]])
@@ -179,14 +178,15 @@ def continue_training(model, train_ids, eval_ids, held_out, *, steps: int, chars
 
 def part2(steps: int, work: Path) -> None:
     import torch
+    from test_vocab_bpc import HELD_OUT_EVERY, encode_documents, pretrain
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from conftest import TINY_MODEL
-    from cpt_ds.data.tiny_tokenizer import train_tokenizer
-    from cpt_ds.data.vocab_extension import ExtendOptions, extend_vocabulary
     from cpt_ds.model import resize_embeddings
+    from cpt_ds.pack.extend_vocab import ExtendOptions, extend_vocabulary
+    from cpt_ds.pack.tiny_tokenizer import train_tokenizer
+
+    from conftest import TINY_MODEL
     from helpers_data import chinese_documents, english_documents, tokenizer_training_texts
-    from test_vocab_bpc import HELD_OUT_EVERY, encode_documents, pretrain
 
     torch.set_num_threads(1)
     tiny = train_tokenizer(tokenizer_training_texts(), work / "tiny", vocab_size=1024)

@@ -37,7 +37,7 @@ def document_check(implementation: str) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from cpt_ds.data.sampler import collate
+    from cpt_ds.data.loader import collate
     from cpt_ds.loss import LossSettings, attach_loss_forward
     from cpt_ds.model import model_inputs
 

@@ -135,7 +135,7 @@ class Options:
 
 def write_tokenizer(folder: Path) -> Path:
     """Any tokenizer will do (the ids are random); train.py needs one whose fingerprint matches the file's."""
-    from cpt_ds.data.tiny_tokenizer import train_tokenizer
+    from cpt_ds.pack.tiny_tokenizer import train_tokenizer
     from cpt_ds.quickstart import python_corpus_documents
 
     texts = [text for documents in python_corpus_documents().values() for text in documents][:200]
@@ -147,8 +147,9 @@ def write_random_tokens(prefix: Path, tokenizer: Path, *, num_tokens: int, vocab
     """Uniform random ids in documents of ``document`` tokens, with the sidecar train.py's preflight checks."""
     import numpy as np
 
-    from cpt_ds.data.indexed import IndexedTokenWriter, token_dtype_for_vocab
-    from cpt_ds.data.tokenizer import tokenizer_fingerprint
+    from cpt_ds.pack.writer import IndexedTokenWriter
+    from cpt_ds.token_file import token_dtype_for_vocab
+    from cpt_ds.tokenizer import tokenizer_fingerprint
 
     generator = np.random.default_rng(seed)
     dtype = token_dtype_for_vocab(vocab_size)

@@ -225,7 +225,8 @@ def main() -> None:
         baseline_run(args.corpus, args.tokenizer, args.workers, args.work)
         return
 
-    from cpt_ds.data.tokenizer import load_tokenizer, plan_fast_encoder
+    from cpt_ds.pack.encoders import plan_fast_encoder
+    from cpt_ds.tokenizer import load_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="pack_speed_") as scratch:
         work = args.work or Path(scratch)

@@ -186,7 +186,7 @@ def deepspeed_json(settings: Settings) -> dict[str, Any]:
 
 
 def pack_token_file(root: Path, texts: list[str], tokenizer: Path, copies: int) -> Path:
-    from cpt_ds.data.packing import PackOptions, pack_corpus
+    from cpt_ds.pack.packing import PackOptions, pack_corpus
 
     corpus = root / f"corpus_x{copies}"
     corpus.mkdir(parents=True)
@@ -200,9 +200,9 @@ def pack_token_file(root: Path, texts: list[str], tokenizer: Path, copies: int) 
 def build_assets(root: Path, settings: Settings) -> Assets:
     """Text shipped with Python -> a 2,048-token LLaMA-3-style tokenizer -> one token file holding at
     least the 10N eval windows (the corpus is repeated when it is too short)."""
-    from cpt_ds.data.indexed import IndexedTokenFile
-    from cpt_ds.data.tiny_tokenizer import train_tokenizer
+    from cpt_ds.pack.tiny_tokenizer import train_tokenizer
     from cpt_ds.quickstart import TINY_LLAMA3, python_corpus_documents
+    from cpt_ds.token_file import IndexedTokenFile
 
     texts = [text for documents in python_corpus_documents().values() for text in documents]
     tokenizer = train_tokenizer(texts, root / "tokenizer", vocab_size=VOCAB_SIZE)

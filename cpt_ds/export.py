@@ -183,8 +183,8 @@ def load_exported_model(folder: str | os.PathLike, *, dtype: torch.dtype = torch
     """
     from transformers import AutoModelForCausalLM
 
-    from cpt_ds.data.tokenizer import load_tokenizer
     from cpt_ds.model import resize_embeddings
+    from cpt_ds.tokenizer import load_tokenizer
 
     folder = Path(folder)
     if not (folder / "adapter_config.json").is_file():

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
-from cpt_ds.data.sampler import IGNORE_INDEX
+from cpt_ds.data.loader import IGNORE_INDEX
 
 
 @dataclass

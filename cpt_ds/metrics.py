@@ -1,7 +1,7 @@
 """Shifted-label metrics computed across ranks by all-reducing sums, never by gathering logits.
 
 Labels are already shifted by the sample layout (``labels[t]`` is the token after ``input_ids[t]``,
-see cpt_ds/data/samples.py), so the prediction at position ``t`` is scored against ``labels[t]``.
+see cpt_ds/data/windows.py), so the prediction at position ``t`` is scored against ``labels[t]``.
 The per-position losses and correct flags come from the loss (cpt_ds/loss.py), which computes them a
 chunk of tokens at a time without the full logits. Per rank and batch we keep three numbers, and only
 these cross the network:
@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from cpt_ds.data.sampler import IGNORE_INDEX
+from cpt_ds.data.loader import IGNORE_INDEX
 from cpt_ds.loss import LossOutput, causal_lm_of
 from cpt_ds.model import model_inputs, module_attention_implementation
 

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from cpt_ds.config import ModelConfig
-from cpt_ds.data.tokenizer import VOCAB_EXTENSION_FILE
 from cpt_ds.ds_config import DeepSpeedSettings
 from cpt_ds.loss import LossSettings, apply_liger_kernels, attach_loss_forward, causal_lm_of
+from cpt_ds.tokenizer import VOCAB_EXTENSION_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def dtype_problems(model_config: ModelConfig, ds: DeepSpeedSettings) -> list[str
 
 def load_hf_config(model_config: ModelConfig) -> Any:
     """The transformers config of the model to train (no weights are read)."""
-    from transformers import AutoConfig, CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING, AutoConfig
 
     if model_config.model_name_or_path is not None:
         return AutoConfig.from_pretrained(model_config.model_name_or_path)
@@ -338,8 +338,7 @@ def sub_token_rows(tokenizer_path: str | Path | None, *, old_rows: int, vocab_si
     start at ``old_rows``) and, when ``model_path`` holds tokenizer files, those are the original
     tokenizer (same fingerprint): then the sub-token ids index rows this model has learned.
     """
-    from cpt_ds.data.tokenizer import tokenizer_files, tokenizer_fingerprint
-    from cpt_ds.data.vocab_extension import read_extension
+    from cpt_ds.tokenizer import read_extension, tokenizer_files, tokenizer_fingerprint
 
     if tokenizer_path is None:
         return {}, "no tokenizer folder given"

@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from cpt_ds.data.packing import PackOptions, pack_corpus
-    from cpt_ds.data.tiny_tokenizer import train_tokenizer
+    from cpt_ds.pack.packing import PackOptions, pack_corpus
+    from cpt_ds.pack.tiny_tokenizer import train_tokenizer
 
     started = time.perf_counter()
     work = Path(args.workdir).resolve()

@@ -26,8 +26,7 @@ from cpt_ds import __version__
 from cpt_ds.checkpoint import Checkpointer, CheckpointError
 from cpt_ds.config import ConfigError, RunConfig
 from cpt_ds.data.corpora import RunData, build_run_data
-from cpt_ds.data.indexed import IndexedTokenFile
-from cpt_ds.data.sampler import IGNORE_INDEX, TrainLoader, eval_batches
+from cpt_ds.data.loader import IGNORE_INDEX, TrainLoader, eval_batches
 from cpt_ds.distributed import barrier, destroy_process_group, device, init_distributed, setup_logging
 from cpt_ds.loss import LossOutput
 from cpt_ds.metrics import (
@@ -54,6 +53,7 @@ from cpt_ds.model import (
 )
 from cpt_ds.optim import build_optimizer, lr_at, warmup_steps_for
 from cpt_ds.preflight import Plan, preflight
+from cpt_ds.token_file import IndexedTokenFile
 
 logger = logging.getLogger(__name__)
 
@@ -473,7 +473,7 @@ class Trainer:
             self.engine.module.peft_config["default"].save_pretrained(path / "model")
         tokenizer_dir = path / "tokenizer"
         tokenizer_dir.mkdir()
-        from cpt_ds.data.tokenizer import tokenizer_files
+        from cpt_ds.tokenizer import tokenizer_files
 
         for file in tokenizer_files(self.config.model.tokenizer_path):
             shutil.copy2(file, tokenizer_dir / file.name)

@@ -72,8 +72,8 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from cpt_ds.data.packing import PackOptions, pack_corpus
-    from cpt_ds.data.tiny_tokenizer import train_tokenizer
+    from cpt_ds.pack.packing import PackOptions, pack_corpus
+    from cpt_ds.pack.tiny_tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("assets")
     texts = _corpus_texts()

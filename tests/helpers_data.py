@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cpt_ds.data.tiny_tokenizer import train_tokenizer
+from cpt_ds.pack.tiny_tokenizer import train_tokenizer
 
 ASSETS = Path(__file__).resolve().parents[1] / "cpt_ds" / "assets"
 REPO = Path(__file__).resolve().parents[1]

@@ -22,15 +22,21 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY_MODEL
 from cpt_ds.config import ModelConfig
-from cpt_ds.data.indexed import IndexedTokenFile, IndexedTokenWriter
-from cpt_ds.data.samples import PackedSamples, TokenStream, document_positions
-from cpt_ds.data.sampler import IGNORE_INDEX, collate, eval_batches
-from cpt_ds.loss import (LossSettings, attach_loss_forward, chunked_linear_cross_entropy,
-                         full_linear_cross_entropy, liger_problems)
-from cpt_ds.model import (DOCUMENT_SDPA, document_causal_mask, flash_varlen_kwargs, model_inputs,
-                          register_document_sdpa)
+from cpt_ds.data.loader import IGNORE_INDEX, collate, eval_batches
+from cpt_ds.data.windows import PackedSamples, TokenStream, document_positions
+from cpt_ds.loss import (
+    LossSettings,
+    attach_loss_forward,
+    chunked_linear_cross_entropy,
+    full_linear_cross_entropy,
+    liger_problems,
+)
+from cpt_ds.model import DOCUMENT_SDPA, document_causal_mask, flash_varlen_kwargs, model_inputs, register_document_sdpa
+from cpt_ds.pack.writer import IndexedTokenWriter
+from cpt_ds.token_file import IndexedTokenFile
+
+from conftest import REPO, TINY_MODEL
 
 EOS = 0
 CPU = torch.device("cpu")

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, eval_records, launch, metrics, run_config, train
-
 from cpt_ds.config import ConfigError, RunConfig
 from cpt_ds.data.blend import BlendSchedule, component_names, parse_data_path
 from cpt_ds.data.corpora import BlendOrder, build_run_data
-from cpt_ds.data.indexed import IndexedTokenFile
 from cpt_ds.preflight import preflight
+from cpt_ds.token_file import IndexedTokenFile
+
+from conftest import REPO, eval_records, launch, metrics, run_config, train
 
 sys.path.insert(0, str(REPO / "tools"))
 from plot_run import plot_run, read_records  # noqa: E402
@@ -140,7 +140,7 @@ def test_validation_split_holds_out_documents_of_every_component(assets):
 @pytest.fixture(scope="module")
 def replay_corpus(assets, tmp_path_factory) -> Path:
     """A small second corpus (a few documents of the other half of the text) that wraps its epoch quickly."""
-    from cpt_ds.data.packing import PackOptions, pack_corpus
+    from cpt_ds.pack.packing import PackOptions, pack_corpus
 
     root = tmp_path_factory.mktemp("replay")
     lines, num_chars = [], 0

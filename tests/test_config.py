@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+
 import pytest
 
-from conftest import REPO, run_config, write_config
 from cpt_ds.config import ConfigError, RunConfig
 from cpt_ds.ds_config import load_deepspeed_config
 from cpt_ds.preflight import preflight
+
+from conftest import REPO, run_config, write_config
 
 SHIPPED = sorted((REPO / "ds_configs").glob("*.json"))
 
@@ -77,7 +79,7 @@ def test_deepspeed_json_problems(tmp_path):
 def test_preflight_reports_every_problem_in_one_error(assets, tmp_path):
     """ZeRO-3 + missing checkpoint path, block_size > max positions, batch triple, tokenizer mismatch,
     a missing token file and LoRA without a pretrained model: one error naming them all."""
-    from cpt_ds.data.tiny_tokenizer import train_tokenizer
+    from cpt_ds.pack.tiny_tokenizer import train_tokenizer
 
     other_tokenizer = train_tokenizer(["some other text " * 50, "and more words here " * 30], tmp_path / "tok2",
                                       vocab_size=300)

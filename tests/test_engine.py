@@ -114,10 +114,11 @@ def test_embeddings_grow_to_a_larger_tokenizer_under_zero3(assets, tmp_path):
     """Base model 512 rows, tokenizer 600 ids: rows are added (new rows = the mean) and trained."""
     import shutil
 
-    from conftest import train
-    from cpt_ds.data.packing import PackOptions, pack_corpus
-    from cpt_ds.data.tiny_tokenizer import train_tokenizer
     from cpt_ds.export import load_exported_model
+    from cpt_ds.pack.packing import PackOptions, pack_corpus
+    from cpt_ds.pack.tiny_tokenizer import train_tokenizer
+
+    from conftest import train
 
     texts = [json.loads(line)["text"] for line in (assets.root / "text" / "corpus.jsonl").read_text().splitlines()]
     tokenizer = train_tokenizer(texts, tmp_path / "tokenizer600", vocab_size=600)

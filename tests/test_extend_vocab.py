@@ -14,12 +14,25 @@ from pathlib import Path
 
 import pytest
 
-from cpt_ds.data.tokenizer import VOCAB_EXTENSION_FILE, check_identity, read_tokenizer, select_encoder
-from cpt_ds.data.vocab_extension import (
-    REPORT_FILE, BpeContinuation, ExtendOptions, VocabExtensionError, extend_vocabulary, read_base_tokenizer,
+from cpt_ds.pack.encoders import check_identity, select_encoder
+from cpt_ds.pack.extend_vocab import (
+    REPORT_FILE,
+    BpeContinuation,
+    ExtendOptions,
+    VocabExtensionError,
+    extend_vocabulary,
+    read_base_tokenizer,
 )
+from cpt_ds.tokenizer import VOCAB_EXTENSION_FILE, read_tokenizer
+
 from helpers_data import (
-    EDGE_CASES, LLAMA3_TOKENIZER, REPO, chinese_documents, english_documents, multilingual_documents, requires_llama3,
+    EDGE_CASES,
+    LLAMA3_TOKENIZER,
+    REPO,
+    chinese_documents,
+    english_documents,
+    multilingual_documents,
+    requires_llama3,
 )
 
 TOOL = REPO / "tools" / "extend_vocab.py"
@@ -104,7 +117,7 @@ def test_text_without_new_merges_tokenizes_identically(tiny_dir, extended):
 
 def test_learning_state_is_what_the_written_tokenizer_gives(tiny_dir, extended, domain_file):
     """The BPE loop's token counts are counts of the real extended tokenizer's tokens, piece by piece."""
-    from cpt_ds.data.vocab_extension import count_pieces
+    from cpt_ds.pack.extend_vocab import count_pieces
 
     options = ExtendOptions(num_new_tokens=NUM_NEW, eval_fraction=0.2)
     base = read_base_tokenizer(tiny_dir)
@@ -117,8 +130,8 @@ def test_learning_state_is_what_the_written_tokenizer_gives(tiny_dir, extended, 
 
 
 def test_fast_encoder_is_proven_identical_on_the_extended_tokenizer(extended, tmp_path, caplog):
-    from cpt_ds.data.indexed import IndexedTokenFile
-    from cpt_ds.data.packing import PackOptions, pack_corpus
+    from cpt_ds.pack.packing import PackOptions, pack_corpus
+    from cpt_ds.token_file import IndexedTokenFile
 
     spec = select_encoder(read_tokenizer(extended))
     assert spec.name == "tiktoken", spec.reason
@@ -157,7 +170,7 @@ def test_report_and_record(tiny_dir, extended):
     assert report["fast_encoder"] == "tiktoken" and report["num_new_tokens"] == NUM_NEW
     assert report["top_new_tokens"][0]["count"] >= report["top_new_tokens"][-1]["count"] >= 2
     # The record ties the new rows to the base tokenizer: its fingerprint and each token's sub-tokens.
-    from cpt_ds.data.tokenizer import tokenizer_fingerprint
+    from cpt_ds.tokenizer import tokenizer_fingerprint
 
     assert record["base_tokenizer"]["fingerprint"] == tokenizer_fingerprint(tiny_dir)
     assert record["base_tokenizer"]["num_ids"] == 1024 and record["first_new_id"] == 1024

@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cpt_ds.data.indexed import (
-    IndexedTokenFile, IndexedTokenWriter, TokenFileError, paths_for, token_dtype_for_vocab,
-)
+from cpt_ds.pack.writer import IndexedTokenWriter
+from cpt_ds.token_file import IndexedTokenFile, TokenFileError, paths_for, token_dtype_for_vocab
 
 LLAMA3_VOCAB = 128_256
 

@@ -16,22 +16,30 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_data import (
-    EDGE_CASES, LLAMA3_TOKENIZER, REPO, chinese_documents, english_documents, load_tool, multilingual_documents,
-    output_files, requires_llama3, train_sentencepiece_tokenizer,
-    write_bytes, write_jsonl,
-)
 
 from cpt_ds import __version__
-from cpt_ds.data import packing
-from cpt_ds.data import tokenizer as tokenizer_module
-from cpt_ds.data.indexed import IndexedTokenFile, TokenFileError
+from cpt_ds import tokenizer as tokenizer_module
 from cpt_ds.fileio import sha256_file
-from cpt_ds.data.packing import PackOptions, _WorkerConfig, _Workers, pack_corpus
-from cpt_ds.data.sources import PackError, RawChunk, discover_inputs
-from cpt_ds.data.tokenizer import (
-    IDENTITY_PROBE, EncoderMismatchError, FastEncoder, decode, load_tokenizer, read_tokenizer, select_encoder,
-    tokenizer_fingerprint,
+from cpt_ds.pack import packing
+from cpt_ds.pack.encoders import IDENTITY_PROBE, EncoderMismatchError, FastEncoder, select_encoder
+from cpt_ds.pack.packing import PackOptions, _WorkerConfig, _Workers, pack_corpus
+from cpt_ds.pack.sources import PackError, RawChunk, discover_inputs
+from cpt_ds.token_file import IndexedTokenFile, TokenFileError
+from cpt_ds.tokenizer import decode, load_tokenizer, read_tokenizer, tokenizer_fingerprint
+
+from helpers_data import (
+    EDGE_CASES,
+    LLAMA3_TOKENIZER,
+    REPO,
+    chinese_documents,
+    english_documents,
+    load_tool,
+    multilingual_documents,
+    output_files,
+    requires_llama3,
+    train_sentencepiece_tokenizer,
+    write_bytes,
+    write_jsonl,
 )
 
 pack_tool = load_tool("pack_corpus")
@@ -119,7 +127,7 @@ def test_reading_the_tokenizer_without_transformers_changes_no_output_byte(tmp_p
     folder = tiny_dir if which == "tiny" else LLAMA3_TOKENIZER
     source = write_jsonl(tmp_path / "in.jsonl", multilingual_documents())
     light = pack([source], folder, tmp_path / "light", workers=workers)
-    with monkeypatch.context() as patch, caplog.at_level(logging.INFO, logger="cpt_ds.data.tokenizer"):
+    with monkeypatch.context() as patch, caplog.at_level(logging.INFO, logger="cpt_ds.tokenizer"):
         # AutoTokenizer's JSON is not tokenizer.json's text: workers build their HF encoder again.
         patch.setattr(tokenizer_module, "plain_folder_refusal", lambda *args: "forced by the test")
         auto = pack([source], folder, tmp_path / "auto", workers=workers)

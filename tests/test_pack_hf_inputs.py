@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers_data import chinese_documents, english_documents, load_tool, write_jsonl
 
-from cpt_ds.data.indexed import IndexedTokenFile
-from cpt_ds.data.packing import PackOptions, pack_corpus
-from cpt_ds.data.sources import PackError, discover_inputs, iter_raw_chunks
-from cpt_ds.data.tokenizer import decode, load_tokenizer
+from cpt_ds.pack.packing import PackOptions, pack_corpus
+from cpt_ds.pack.sources import PackError, discover_inputs, iter_raw_chunks
+from cpt_ds.token_file import IndexedTokenFile
+from cpt_ds.tokenizer import decode, load_tokenizer
+
+from helpers_data import chinese_documents, english_documents, load_tool, write_jsonl
 
 pack_tool = load_tool("pack_corpus")
 

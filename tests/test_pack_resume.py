@@ -1,6 +1,6 @@
 """Resuming an interrupted pack: kill points, a failure on a bad file, and what invalidates the state.
 
-Kills use the packer's test hook (``CPT_DS_PACK_FAULT``, see ``cpt_ds/data/partial.py``) in a
+Kills use the packer's test hook (``CPT_DS_PACK_FAULT``, see ``cpt_ds/pack/partial.py``) in a
 subprocess, so each stops at a fixed point: inside a chunk, between chunks, and during the final
 renames. A resumed pack must write the same ``.bin``/``.idx``/``.json`` bytes as an uninterrupted one.
 """
@@ -19,12 +19,13 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers_data import REPO, chinese_documents, english_documents, output_files, write_bytes, write_jsonl
 
-from cpt_ds.data.indexed import IndexedTokenFile, TokenFileError
-from cpt_ds.data.packing import PackOptions, pack_corpus
-from cpt_ds.data.partial import FAULT_ENV, InjectedFault
-from cpt_ds.data.sources import PackError, discover_inputs, iter_raw_chunks
+from cpt_ds.pack.packing import PackOptions, pack_corpus
+from cpt_ds.pack.partial import FAULT_ENV, InjectedFault
+from cpt_ds.pack.sources import PackError, discover_inputs, iter_raw_chunks
+from cpt_ds.token_file import IndexedTokenFile, TokenFileError
+
+from helpers_data import REPO, chinese_documents, english_documents, output_files, write_bytes, write_jsonl
 
 CHUNK = 1024
 
@@ -96,7 +97,7 @@ def test_killed_pack_resumes_to_identical_bytes(tmp_path, tiny_dir, corpus, capl
     assert (prefix.parent / "c.partial" / "state.json").exists()
 
     # The same command again (here through the API, with another chunk size: it changes no byte).
-    with caplog.at_level(logging.INFO, logger="cpt_ds.data.partial"):
+    with caplog.at_level(logging.INFO, logger="cpt_ds.pack.partial"):
         summary = pack_corpus(corpus["inputs"], tiny_dir, prefix, PackOptions(), workers=1, chunk_bytes=4 * CHUNK)
     assert file_bytes(prefix) == file_bytes(corpus["reference"])
     assert [p.name for p in output_files(prefix)] == ["c.bin", "c.idx", "c.json"]
@@ -151,7 +152,7 @@ def test_changed_option_input_or_tokenizer_discards_the_partial_state(tmp_path, 
         tokenizer = tokenizer_variant(tiny_dir, tmp_path / "tokenizer")
     else:
         resume = False
-    with caplog.at_level(logging.INFO, logger="cpt_ds.data.partial"):
+    with caplog.at_level(logging.INFO, logger="cpt_ds.pack.partial"):
         summary = pack_corpus(inputs, tokenizer, prefix, PackOptions(**options), workers=1, chunk_bytes=CHUNK,
                               resume=resume)
     assert expected in caplog.text
@@ -174,7 +175,7 @@ def test_failure_on_a_bad_file_resumes_from_that_file_once_fixed(tmp_path, tiny_
     assert (prefix.parent / "c.partial" / "state.json").exists() and not Path(f"{prefix}.idx").exists()
 
     write_jsonl(bad, docs[:30] + ["cut"])
-    with caplog.at_level(logging.INFO, logger="cpt_ds.data.partial"):
+    with caplog.at_level(logging.INFO, logger="cpt_ds.pack.partial"):
         summary = pack_corpus(inputs, tiny_dir, prefix, PackOptions(), workers=1, chunk_bytes=CHUNK)
     assert f"input {bad.as_posix()} changed" in caplog.text and "resuming from its start" in caplog.text
     assert summary.num_resumed_documents == len(docs)  # all of a.jsonl, none of b.jsonl

@@ -8,12 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from cpt_ds.pack.packing import PackOptions, pack_corpus
+from cpt_ds.pack.sources import InputFile, PackError, parse_shard, select_shard
+from cpt_ds.pack.writer import IndexedTokenWriter
+from cpt_ds.token_file import IndexedTokenFile, TokenFileError, resolve_token_prefixes
+
 from conftest import DRIVERS, launch, run_config, train_losses, write_config
 from helpers_data import chinese_documents, english_documents, load_tool, output_files, write_jsonl
-
-from cpt_ds.data.indexed import IndexedTokenFile, IndexedTokenWriter, TokenFileError, resolve_token_prefixes
-from cpt_ds.data.packing import PackOptions, pack_corpus
-from cpt_ds.data.sources import InputFile, PackError, parse_shard, select_shard
 
 pack_tool = load_tool("pack_corpus")
 merge_tool = load_tool("merge_corpus")

@@ -164,8 +164,8 @@ def test_save_total_limit_keeps_the_newest_complete_checkpoints(assets, tmp_path
 
 @pytest.mark.parametrize("change", ["token files", "tokenizer", "model shape"])
 def test_resume_refuses_changed_data_tokenizer_or_model(assets, tmp_path, reference_runs, change):
-    from cpt_ds.data.packing import PackOptions, pack_corpus
-    from cpt_ds.data.tiny_tokenizer import train_tokenizer
+    from cpt_ds.pack.packing import PackOptions, pack_corpus
+    from cpt_ds.pack.tiny_tokenizer import train_tokenizer
 
     out = tmp_path / "out"
     shutil.copytree(reference_runs["zero2-full"], out)
@@ -286,12 +286,12 @@ def test_logged_losses_are_global_token_weighted_means(assets, tmp_path):
     the base model) equal a single-process computation over the same samples, exactly."""
     from transformers import AutoModelForCausalLM
 
-    from cpt_ds.data.indexed import IndexedTokenFile
-    from cpt_ds.data.samples import PackedSamples, TokenStream, split_documents
-    from cpt_ds.data.sampler import SampleOrder, collate, eval_batches
+    from cpt_ds.data.loader import SampleOrder, collate, eval_batches
+    from cpt_ds.data.windows import PackedSamples, TokenStream, split_documents
     from cpt_ds.loss import LossSettings, attach_loss_forward
     from cpt_ds.metrics import TokenMetrics, batch_stats, evaluate
     from cpt_ds.model import DOCUMENT_SDPA, model_inputs, register_document_sdpa
+    from cpt_ds.token_file import IndexedTokenFile
 
     out = tmp_path / "out"
     train(lora_config(assets, out, lora_dropout=0.0, max_steps=1), workdir=tmp_path).check()

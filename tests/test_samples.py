@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cpt_ds.data.indexed import IndexedTokenFile, IndexedTokenWriter
-from cpt_ds.data.samples import PackedSamples, TokenStream, split_documents
-from cpt_ds.data.sampler import IGNORE_INDEX, SampleOrder, TrainLoader, eval_batches
+from cpt_ds.data.loader import IGNORE_INDEX, SampleOrder, TrainLoader, eval_batches
+from cpt_ds.data.windows import PackedSamples, TokenStream, split_documents
+from cpt_ds.pack.writer import IndexedTokenWriter
+from cpt_ds.token_file import IndexedTokenFile
 
 
 def token_file(path, documents: list[list[int]]) -> IndexedTokenFile:

@@ -14,18 +14,41 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_data import (
-    EDGE_CASES, LLAMA3_TOKENIZER, REPO, chinese_documents, english_documents, multilingual_documents,
-    requires_llama3, tokenizer_training_texts, train_sentencepiece_tokenizer,
-    write_jsonl,
+
+from cpt_ds.pack import encoders as encoders_module
+from cpt_ds.pack.encoders import (
+    IDENTITY_PROBE,
+    LLAMA3_SPLIT_PATTERN,
+    MERGES_CACHE_NAME,
+    EncoderMismatchError,
+    FastEncoder,
+    HFEncoder,
+    cache_dir,
+    check_identity,
+    plan_fast_encoder,
+    select_encoder,
+)
+from cpt_ds.pack.tiny_tokenizer import BOS_TOKEN, EOS_TOKEN, train_tokenizer
+from cpt_ds.tokenizer import (
+    TokenizerError,
+    decode,
+    load_tokenizer,
+    read_tokenizer,
+    tokenizer_fingerprint,
+    tokenizer_info,
 )
 
-from cpt_ds.data import tokenizer as tokenizer_module
-from cpt_ds.data.tiny_tokenizer import BOS_TOKEN, EOS_TOKEN, train_tokenizer
-from cpt_ds.data.tokenizer import (
-    IDENTITY_PROBE, LLAMA3_SPLIT_PATTERN, MERGES_CACHE_NAME, EncoderMismatchError, FastEncoder, HFEncoder,
-    TokenizerError, cache_dir, check_identity, decode, load_tokenizer, plan_fast_encoder, read_tokenizer,
-    select_encoder, tokenizer_fingerprint, tokenizer_info,
+from helpers_data import (
+    EDGE_CASES,
+    LLAMA3_TOKENIZER,
+    REPO,
+    chinese_documents,
+    english_documents,
+    multilingual_documents,
+    requires_llama3,
+    tokenizer_training_texts,
+    train_sentencepiece_tokenizer,
+    write_jsonl,
 )
 
 
@@ -370,7 +393,7 @@ def test_merges_verdict_is_cached_and_equals_the_full_check(tiny_dir, monkeypatc
         expected = plan_fast_encoder(json.loads(tokenizer_json))  # a dict: never cached
         assert plan_fast_encoder(tokenizer_json) == expected  # computed, stored
         with monkeypatch.context() as patch:
-            patch.setattr(tokenizer_module, "merges_refusal", lambda *args: pytest.fail("cache not used"))
+            patch.setattr(encoders_module, "merges_refusal", lambda *args: pytest.fail("cache not used"))
             assert plan_fast_encoder(tokenizer_json) == expected  # from the cache
     verdicts = json.loads((cache_dir() / MERGES_CACHE_NAME).read_text())["verdicts"]
     assert sorted(v is None for v in verdicts.values()) == [False, True]
@@ -385,11 +408,11 @@ def test_corrupt_merges_cache_is_ignored_and_rewritten(tiny_dir, monkeypatch, tm
     cache_file.parent.mkdir(parents=True)
     cache_file.write_bytes(content)
     text = (tiny_dir / "tokenizer.json").read_text()
-    with caplog.at_level(logging.WARNING, logger="cpt_ds.data.tokenizer"):
+    with caplog.at_level(logging.WARNING, logger="cpt_ds.tokenizer"):
         plan, reason = plan_fast_encoder(text)
     assert plan is not None, reason
     rewritten = json.loads(cache_file.read_text())
-    assert rewritten["version"] == tokenizer_module.MERGES_CACHE_VERSION
+    assert rewritten["version"] == encoders_module.MERGES_CACHE_VERSION
     assert list(rewritten["verdicts"].values()) == [None]
     if content != b"[1, 2]":  # not a cache at all, like one of another version: dropped silently
         assert "corrupt cache file" in caplog.text
@@ -409,6 +432,6 @@ def test_unwritable_cache_only_costs_time(tiny_dir, monkeypatch, tmp_path, caplo
     (tmp_path / "not_a_folder").write_text("x")
     monkeypatch.setenv("CPT_DS_CACHE_DIR", str(tmp_path / "not_a_folder" / "cpt_ds"))
     text = (tiny_dir / "tokenizer.json").read_text()
-    with caplog.at_level(logging.WARNING, logger="cpt_ds.data.tokenizer"):
+    with caplog.at_level(logging.WARNING, logger="cpt_ds.tokenizer"):
         assert plan_fast_encoder(text) == plan_fast_encoder(json.loads(text))
     assert "cannot write the cache file" in caplog.text

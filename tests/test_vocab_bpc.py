@@ -63,8 +63,9 @@ def pretrain(model, documents: list[list[int]], *, bos: int, eos: int, steps: in
 def test_sub_token_mean_init_beats_the_mean_of_all_rows(tiny_dir, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from cpt_ds.data.vocab_extension import ExtendOptions, extend_vocabulary
     from cpt_ds.model import resize_embeddings
+    from cpt_ds.pack.extend_vocab import ExtendOptions, extend_vocabulary
+
     from conftest import TINY_MODEL
 
     chinese = chinese_documents()

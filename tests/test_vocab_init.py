@@ -22,8 +22,8 @@ NUM_NEW = 64
 @pytest.fixture(scope="module")
 def grown(assets, tmp_path_factory):
     """(extended tokenizer, its token file, a copy of the base model) for the tiny model."""
-    from cpt_ds.data.packing import PackOptions, pack_corpus
-    from cpt_ds.data.vocab_extension import ExtendOptions, extend_vocabulary
+    from cpt_ds.pack.extend_vocab import ExtendOptions, extend_vocabulary
+    from cpt_ds.pack.packing import PackOptions, pack_corpus
 
     root = tmp_path_factory.mktemp("grown")
     text = assets.root / "text" / "corpus.jsonl"

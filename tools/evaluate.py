@@ -21,18 +21,18 @@ from pathlib import Path
 
 import torch
 
-from cpt_ds.data.blend import parse_named_paths
 from cpt_ds.config import ModelConfig
-from cpt_ds.data.indexed import IndexedTokenFile, TokenFileError
-from cpt_ds.data.samples import PackedSamples, TokenStream
-from cpt_ds.data.sampler import eval_batches
-from cpt_ds.data.tokenizer import tokenizer_files, tokenizer_fingerprint
+from cpt_ds.data.blend import parse_named_paths
+from cpt_ds.data.loader import eval_batches
+from cpt_ds.data.windows import PackedSamples, TokenStream
 from cpt_ds.distributed import device, exit_process, init_distributed, setup_logging
 from cpt_ds.export import exported_document_attention, load_exported_model
 from cpt_ds.loss import LossSettings, attach_loss_forward
 from cpt_ds.metrics import evaluate_sets, total_metrics
 from cpt_ds.model import attention_implementation
 from cpt_ds.preflight import sidecar_tokenizer_fingerprint
+from cpt_ds.token_file import IndexedTokenFile, TokenFileError
+from cpt_ds.tokenizer import tokenizer_files, tokenizer_fingerprint
 
 logger = logging.getLogger("cpt_ds.evaluate")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

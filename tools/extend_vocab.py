@@ -18,10 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from cpt_ds.data.packing import default_workers  # noqa: E402
-from cpt_ds.data.sources import ENCODING_ERRORS, TXT_UNITS  # noqa: E402
-from cpt_ds.data.tokenizer import TokenizerError  # noqa: E402
-from cpt_ds.data.vocab_extension import ExtendOptions, VocabExtensionError, extend_vocabulary  # noqa: E402
+from cpt_ds.pack.extend_vocab import ExtendOptions, VocabExtensionError, extend_vocabulary  # noqa: E402
+from cpt_ds.pack.packing import default_workers  # noqa: E402
+from cpt_ds.pack.sources import ENCODING_ERRORS, TXT_UNITS  # noqa: E402
+from cpt_ds.tokenizer import TokenizerError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

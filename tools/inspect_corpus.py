@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import numpy as np  # noqa: E402
 
-from cpt_ds.data.indexed import IndexedTokenFile, TokenFileError  # noqa: E402
-from cpt_ds.data.tokenizer import TokenizerError, decode, load_tokenizer, tokenizer_fingerprint  # noqa: E402
+from cpt_ds.token_file import IndexedTokenFile, TokenFileError  # noqa: E402
+from cpt_ds.tokenizer import TokenizerError, decode, load_tokenizer, tokenizer_fingerprint  # noqa: E402
 
 PERCENTILES = (0, 10, 50, 90, 99, 100)
 

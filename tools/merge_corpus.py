@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from cpt_ds.data.indexed import TokenFileError  # noqa: E402
-from cpt_ds.data.merge import expand_parts, merge_token_files  # noqa: E402
+from cpt_ds.pack.merge import expand_parts, merge_token_files  # noqa: E402
+from cpt_ds.token_file import TokenFileError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

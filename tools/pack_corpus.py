@@ -19,13 +19,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from cpt_ds.data.indexed import TokenFileError  # noqa: E402
-from cpt_ds.data.packing import (  # noqa: E402
-    BOS_POLICIES, DEFAULT_CHECKPOINT_SECONDS, DEFAULT_CHUNK_BYTES, ENCODER_CHOICES, PackError, PackOptions,
-    default_workers, pack_corpus,
+from cpt_ds.pack.packing import (  # noqa: E402
+    BOS_POLICIES,
+    DEFAULT_CHECKPOINT_SECONDS,
+    DEFAULT_CHUNK_BYTES,
+    ENCODER_CHOICES,
+    PackError,
+    PackOptions,
+    default_workers,
+    pack_corpus,
 )
-from cpt_ds.data.sources import ENCODING_ERRORS, TXT_UNITS, parse_shard  # noqa: E402
-from cpt_ds.data.tokenizer import TokenizerError  # noqa: E402
+from cpt_ds.pack.sources import ENCODING_ERRORS, TXT_UNITS, parse_shard  # noqa: E402
+from cpt_ds.token_file import TokenFileError  # noqa: E402
+from cpt_ds.tokenizer import TokenizerError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

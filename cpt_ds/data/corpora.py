@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 
 from cpt_ds.data.blend import BlendSchedule
-from cpt_ds.data.indexed import IndexedTokenFile
-from cpt_ds.data.samples import PackedSamples, TokenStream, split_documents
-from cpt_ds.data.sampler import SampleOrder
+from cpt_ds.data.loader import SampleOrder
+from cpt_ds.data.windows import PackedSamples, TokenStream, split_documents
+from cpt_ds.token_file import IndexedTokenFile
 
 
 @dataclass

@@ -25,9 +25,8 @@ from typing import Any
 import numpy as np
 
 from cpt_ds import __version__
-from cpt_ds.data.indexed import (
-    INDEX_BLOCK, IndexedTokenFile, TokenFileError, paths_for, publish, resolve_token_prefixes, write_index_blocks,
-)
+from cpt_ds.pack.writer import INDEX_BLOCK, publish, write_index_blocks
+from cpt_ds.token_file import IndexedTokenFile, TokenFileError, paths_for, resolve_token_prefixes
 
 _COPY_BLOCK = 16 << 20
 # Sidecar fields that describe one part only; every other field must agree across the parts.

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cpt_ds.data.samples import SampleSource
+from cpt_ds.data.windows import SampleSource
 
 IGNORE_INDEX = -100
 

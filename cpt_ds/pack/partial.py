@@ -44,10 +44,9 @@ from typing import Any
 
 import numpy as np
 
-from cpt_ds.data.indexed import (
-    INDEX_BLOCK, PARTIAL_SUFFIX, SIDECAR_FORMAT, SIDECAR_FORMAT_VERSION, paths_for, publish, write_index_blocks,
-)
-from cpt_ds.data.sources import PackError
+from cpt_ds.pack.writer import INDEX_BLOCK, publish, write_index_blocks
+from cpt_ds.token_file import PARTIAL_SUFFIX, SIDECAR_FORMAT, SIDECAR_FORMAT_VERSION, paths_for
+from cpt_ds.pack.sources import PackError
 from cpt_ds.fileio import atomic_write_text
 
 logger = logging.getLogger(__name__)

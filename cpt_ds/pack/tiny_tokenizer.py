@@ -28,7 +28,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size
     """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    from cpt_ds.data.tokenizer import LLAMA3_SPLIT_PATTERN
+    from cpt_ds.pack.encoders import LLAMA3_SPLIT_PATTERN
 
     num_specials = 2
     if vocab_size < NUM_BYTE_TOKENS + num_specials:
@@ -78,7 +78,7 @@ def tiktoken_merges(vocab: dict[str, int]) -> list[tuple[str, str]]:
     """Every split of every token into two vocabulary tokens, ordered by (formed id, left id, right id).
 
     This is the merge list under which ``tokenizers``' BPE makes the same merges as tiktoken with
-    ranks = ids (see ``cpt_ds.data.tokenizer.plan_fast_encoder``).
+    ranks = ids (see ``cpt_ds.tokenizer.plan_fast_encoder``).
     """
     merges = []
     for token, rank in vocab.items():

@@ -31,7 +31,7 @@ from typing import Protocol
 
 import numpy as np
 
-from cpt_ds.data.indexed import IndexedTokenFile
+from cpt_ds.token_file import IndexedTokenFile
 
 
 class SampleSource(Protocol):

@@ -53,19 +53,30 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cpt_ds import __version__
-from cpt_ds.data.sources import (
-    EncodingErrors, PackError, RawChunk, TxtUnit, chunk_documents, discover_inputs, iter_raw_chunks,
+from cpt_ds.pack.encoders import byte_level_alphabet, cached_merges_refusal
+from cpt_ds.pack.sources import (
+    EncodingErrors,
+    PackError,
+    RawChunk,
+    TxtUnit,
+    chunk_documents,
+    discover_inputs,
+    iter_raw_chunks,
 )
-from cpt_ds.data.tokenizer import (
-    TOKENIZER_FILE_NAMES, VOCAB_EXTENSION_FILE, TokenizerError, _read_json_file, byte_level_alphabet,
-    cached_merges_refusal, tokenizer_files, tokenizer_fingerprint,
+from cpt_ds.tokenizer import (
+    EXTENSION_FORMAT,
+    EXTENSION_VERSION,
+    TOKENIZER_FILE_NAMES,
+    VOCAB_EXTENSION_FILE,
+    TokenizerError,
+    _read_json_file,
+    tokenizer_files,
+    tokenizer_fingerprint,
 )
 
 logger = logging.getLogger(__name__)
 
 REPORT_FILE = "extend_report.json"
-EXTENSION_FORMAT = "cpt-ds vocabulary extension"
-EXTENSION_VERSION = 1
 # Files copied unchanged into the output; any other tokenizer file of the base (vocab.json,
 # merges.txt, tokenizer.model...) would describe the old vocabulary and is left out.
 COPIED_FILES = ("tokenizer_config.json", "special_tokens_map.json")
@@ -305,7 +316,7 @@ def count_pieces(inputs: Sequence[str | os.PathLike], tokenizer_json: str, optio
 
     ``pre_tokenizer``: the pre-tokenizer of ``tokenizer_json``, built already, for ``workers`` 1.
     """
-    from cpt_ds.data.packing import worker_start_method
+    from cpt_ds.pack.packing import worker_start_method
 
     sources = discover_inputs(inputs)
     total = PieceCounts()
@@ -689,7 +700,7 @@ def extend_vocabulary(tokenizer: str | os.PathLike, inputs: Sequence[str | os.Pa
     top = [{"id": token_id, "text": new_tokens[token_id - base.first_new_id]["text"], "count": count}
            for token_id, count in ranked]
 
-    from cpt_ds.data.tokenizer import plan_fast_encoder
+    from cpt_ds.pack.encoders import plan_fast_encoder
 
     # Under the sha256 of the file written, so the packer finds this verdict in its cache.
     plan, reason = plan_fast_encoder(spec, json_sha256=hashlib.sha256(spec_text.encode("utf-8")).hexdigest())
@@ -728,21 +739,3 @@ def extend_vocabulary(tokenizer: str | os.PathLike, inputs: Sequence[str | os.Pa
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     return ExtendResult(output, report)
-
-
-# --------------------------------------------------------------------------------------------------
-# Reading the record (model side)
-# --------------------------------------------------------------------------------------------------
-
-
-def read_extension(folder: str | os.PathLike) -> dict[str, Any] | None:
-    """The ``cpt_ds_vocab_extension.json`` record of tokenizer folder ``folder``, or None when it has none."""
-    path = Path(folder) / VOCAB_EXTENSION_FILE
-    if not path.is_file():
-        return None
-    _, _, record = _read_json_file(path)
-    if not isinstance(record, dict) or record.get("format") != EXTENSION_FORMAT \
-            or record.get("version") != EXTENSION_VERSION:
-        raise TokenizerError(f"{path} is not a version-{EXTENSION_VERSION} cpt-ds vocabulary extension record; "
-                             "re-create the tokenizer with tools/extend_vocab.py")
-    return record

@@ -18,8 +18,8 @@ config file the main process writes when it knows them (a started pool takes no 
 
 Resumable: the output is written into ``PREFIX.partial/`` and committed every few seconds, so a
 killed or failed pack run again continues from its last commit and writes the same bytes
-(``cpt_ds/data/partial.py``). ``shard=(K, N)`` packs one of N parts of the inputs for N machines;
-``cpt_ds/data/merge.py`` joins token files.
+(``cpt_ds/pack/partial.py``). ``shard=(K, N)`` packs one of N parts of the inputs for N machines;
+``cpt_ds/pack/merge.py`` joins token files.
 
 Each document is ``[BOS] + ids(text) + [EOS]``: EOS always (documents never run into each other
 unmarked), BOS by the ``bos`` policy. Special-token strings inside a text are encoded as plain text.
@@ -47,15 +47,14 @@ from typing import Any, Literal
 import numpy as np
 
 from cpt_ds import __version__
-from cpt_ds.data.indexed import paths_for, shard_prefix, token_dtype_for_vocab
-from cpt_ds.data.partial import PartialPack, Position, fault, pending_publish
-from cpt_ds.data.sources import (
+from cpt_ds.token_file import paths_for, shard_prefix, token_dtype_for_vocab
+from cpt_ds.pack.partial import PartialPack, Position, fault, pending_publish
+from cpt_ds.pack.sources import (
     ENCODING_ERRORS, TXT_UNITS, EncodingErrors, InputFile, PackError, RawChunk, TxtUnit, chunk_documents, chunk_end,
     describe_location, discover_inputs, iter_raw_chunks, select_shard,
 )
-from cpt_ds.data.tokenizer import (
-    EncoderSpec, HFEncoder, TokenEncoder, check_identity, read_tokenizer, select_encoder, tokenizer_files,
-)
+from cpt_ds.pack.encoders import EncoderSpec, HFEncoder, TokenEncoder, check_identity, select_encoder
+from cpt_ds.tokenizer import read_tokenizer, tokenizer_files
 from cpt_ds.fileio import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -376,7 +375,7 @@ def pack_corpus(
     speed, never the output. User errors raise ``PackError`` / ``TokenizerError`` (both
     ``ValueError``) before anything is published; the output appears only when complete.
 
-    An interrupted pack leaves its state in ``output.partial/`` (see ``cpt_ds.data.partial``); the
+    An interrupted pack leaves its state in ``output.partial/`` (see ``cpt_ds.pack.partial``); the
     same call continues from its last commit and writes the same bytes; ``resume=False`` starts
     over. ``shard=(K, N)`` packs only the K-th (1-based) of N byte-balanced, contiguous parts of the
     sorted input files into ``output-0000K-of-0000N``.
