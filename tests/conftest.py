@@ -171,13 +171,15 @@ def launch_env() -> dict[str, str]:
     return env
 
 
-def launch(args: list[str], *, workdir: Path, ranks: int = 2, script: Path = TRAIN, timeout: float = 600) -> Launch:
-    """Run ``script args`` on ``ranks`` gloo ranks through the deepspeed launcher; never raises on failure."""
+def launch(args: list[str], *, workdir: Path, ranks: int = 2, script: Path = TRAIN, timeout: float = 600,
+           cwd: Path = REPO) -> Launch:
+    """Run ``script args`` on ``ranks`` gloo ranks through the deepspeed launcher, from folder ``cwd``;
+    never raises on failure."""
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     command = launcher_command(script, args, ranks=ranks, port=port, workdir=workdir)
     try:
-        done = subprocess.run(command, cwd=REPO, env=launch_env(), stdout=subprocess.PIPE,
+        done = subprocess.run(command, cwd=cwd, env=launch_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, timeout=timeout)
     finally:
         remove_shm_buffers(port)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from cpt_ds.data import DataError
 from cpt_ds.data.blend import BlendSchedule
 from cpt_ds.data.loader import SampleOrder
 from cpt_ds.data.windows import PackedSamples, TokenStream, split_documents
@@ -134,7 +135,7 @@ def build_run_data(
         train.append(Corpus(name, files, stream, PackedSamples(stream, block_size, max_train_samples)))
     empty = [f"{c.name} ({c.stream.num_tokens} tokens)" for c in train if len(c.samples) == 0]
     if empty:
-        raise ValueError(f"data_path: {', '.join(empty)} hold fewer training tokens than one block_size "
+        raise DataError(f"data_path: {', '.join(empty)} hold fewer training tokens than one block_size "
                          f"{block_size} sample; pack more text or lower block_size")
     validation = [Corpus(name, files, TokenStream.whole(files), PackedSamples(TokenStream.whole(files), block_size,
                                                                              max_eval_samples))
@@ -142,7 +143,7 @@ def build_run_data(
     small = [f"{c.name} ({c.stream.num_tokens} tokens)" for c in validation if len(c.samples) == 0]
     if small:
         source = "eval_data_path" if eval_sets else "the held-out documents of"
-        raise ValueError(f"{source} {', '.join(small)} hold fewer tokens than one block_size {block_size} sample; "
+        raise DataError(f"{source} {', '.join(small)} hold fewer tokens than one block_size {block_size} sample; "
                          "raise validation_split_percentage, lower block_size or pass a larger eval_data_path")
     weights = None if components[0][1] is None else [weight for _, weight, _ in components]
     return RunData(train=train, weights=weights, eval_sets=validation, seed=seed)

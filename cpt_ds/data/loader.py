@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cpt_ds.data import DataError
 from cpt_ds.data.windows import SampleSource
 
 IGNORE_INDEX = -100
@@ -83,7 +84,7 @@ class TrainLoader:
         """``order`` maps global positions to sample ids (``ids(start, stop)``); default: one seeded
         permutation of ``samples`` per epoch."""
         if len(samples) == 0:
-            raise ValueError("the training data holds no complete sample: pack more text or lower block_size")
+            raise DataError("the training data holds no complete sample: pack more text or lower block_size")
         self.samples = samples
         self.micro_batch_size = micro_batch_size
         self.gradient_accumulation_steps = gradient_accumulation_steps
@@ -130,7 +131,7 @@ class TrainLoader:
         if state["block_size"] != self.samples.block_size:
             problems.append(f"block_size was {state['block_size']}, now {self.samples.block_size}")
         if problems:
-            raise ValueError("cannot resume the data position: " + "; ".join(problems)
+            raise DataError("cannot resume the data position: " + "; ".join(problems)
                              + "; restore the original settings or start a new output_dir")
         self.consumed_samples = int(state["consumed_samples"])
 
