@@ -42,6 +42,14 @@ RETIRED_FIELDS: dict[str, str] = {
 }
 
 
+# Fields spelled as one comma-separated string in JSON and on the command line (the baseline's
+# spelling, so run_pt.sh values carry over) and held as lists in the code.
+COMMA_FIELDS = ("trainable", "modules_to_save", "config_overrides")
+DEFAULT_LORA_TARGETS = ("q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "up_proj")
+# Fields that only shape LoRA; given together with full_finetuning they would be ignored.
+LORA_ONLY_FIELDS = ("trainable", "lora_rank", "lora_alpha", "lora_dropout", "modules_to_save")
+
+
 class ConfigError(ValueError):
     """The run configuration is invalid; the message lists every problem found."""
 
@@ -60,8 +68,8 @@ class ModelConfig:
     """Model config (folder or config.json) for training from scratch."""
     model_type: str = "llama"
     """Model type for training from scratch when no config_name is given."""
-    config_overrides: str | None = None
-    """From scratch: 'hidden_size=256,num_hidden_layers=4,...' applied to the config."""
+    config_overrides: list[str] = field(default_factory=list)
+    """From scratch: 'hidden_size=256,num_hidden_layers=4,...' applied to the config (KEY=VALUE items)."""
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Dtype to load weights in; 'auto' follows the DeepSpeed JSON (bf16 -> bfloat16, fp16 -> float16, else float32)."""
     use_flash_attention_2: bool = False
@@ -80,12 +88,12 @@ class ModelConfig:
     """Recompute activations in backward to save memory."""
     full_finetuning: bool = False
     """Train every weight; False trains LoRA adapters (the baseline's default)."""
-    trainable: str = "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj"
+    trainable: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
     """LoRA target modules, comma separated."""
     lora_rank: int = 64
     lora_alpha: float = 128.0
     lora_dropout: float = 0.05
-    modules_to_save: str | None = None
+    modules_to_save: list[str] = field(default_factory=list)
     """Modules trained in full next to LoRA, comma separated (e.g. 'embed_tokens,lm_head')."""
     peft_path: str | None = None
     """An existing LoRA adapter folder to continue training from."""
@@ -111,7 +119,7 @@ class ModelConfig:
                 found.append(f"lora_rank must be positive, got {self.lora_rank}")
             if not 0.0 <= self.lora_dropout < 1.0:
                 found.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-            if not self.trainable_modules:
+            if not self.trainable:
                 found.append("trainable names no LoRA target modules")
         else:
             if self.peft_path is not None:
@@ -121,21 +129,16 @@ class ModelConfig:
                              "full_finetuning cannot train quantized weights: set full_finetuning false")
         if self.loss_chunk_size < 0:
             found.append(f"loss_chunk_size must be >= 0 (0 = full logits), got {self.loss_chunk_size}")
-        if not self.full_finetuning and "lm_head" in self.trainable_modules and \
+        if not self.full_finetuning and "lm_head" in self.trainable and \
                 (self.loss_chunk_size > 0 or self.use_liger_kernel):
             found.append("LoRA on lm_head cannot run through the chunked / Liger loss (it reads the head weight "
                          "directly); train lm_head in full with modules_to_save, or set loss_chunk_size 0")
         if self.load_in_kbits != 16 and self.model_name_or_path is None:
             found.append("load_in_kbits needs pretrained weights to quantize: set model_name_or_path")
+        malformed = [item for item in self.config_overrides if "=" not in item or item.startswith("=")]
+        if malformed:
+            found.append(f"config_overrides items are KEY=VALUE, got {', '.join(map(repr, malformed))}")
         return found
-
-    @property
-    def trainable_modules(self) -> list[str]:
-        return [name.strip() for name in self.trainable.split(",") if name.strip()]
-
-    @property
-    def modules_to_save_list(self) -> list[str]:
-        return [name.strip() for name in (self.modules_to_save or "").split(",") if name.strip()]
 
     @property
     def tokenizer_path(self) -> str | None:
@@ -286,6 +289,9 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    given: frozenset[str] = frozenset()
+    """The field names the user set (JSON or command line); defaults are not in it."""
+
     SECTIONS: typing.ClassVar[tuple[str, ...]] = ("model", "data", "optim", "train")
 
     # ---- construction ----------------------------------------------------------------------------
@@ -309,6 +315,8 @@ class RunConfig:
         problems: list[str] = []
         sections: dict[str, dict[str, Any]] = {section: {} for section in cls.SECTIONS}
         for key, value in values.items():
+            if key in COMMA_FIELDS:
+                value = _split_commas(value)
             if key not in table:
                 hint = RETIRED_FIELDS.get(key)
                 problems.append(f"{key}: not a cpt-ds field ({hint})" if hint
@@ -322,7 +330,8 @@ class RunConfig:
         if problems:
             raise ConfigError(f"invalid run configuration ({source}): " + "; ".join(problems))
         hints = typing.get_type_hints(cls)
-        return cls(**{section: hints[section](**sections[section]) for section in cls.SECTIONS})
+        return cls(**{section: hints[section](**sections[section]) for section in cls.SECTIONS},
+                   given=frozenset(values))
 
     @classmethod
     def fields_help(cls) -> str:
@@ -367,9 +376,13 @@ class RunConfig:
         return cls.from_flat(values, source=source)
 
     def to_flat(self) -> dict[str, Any]:
+        """The flat JSON form (comma fields as one string, or null when empty): what run_config.json and
+        checkpoints record, so it reads like the user's own run JSON."""
         flat: dict[str, Any] = {}
         for section in self.SECTIONS:
             flat.update(dataclasses.asdict(getattr(self, section)))
+        for key in COMMA_FIELDS:
+            flat[key] = ",".join(flat[key]) or None
         return flat
 
     # ---- validation ------------------------------------------------------------------------------
@@ -379,6 +392,10 @@ class RunConfig:
         found: list[str] = []
         for section in self.SECTIONS:
             found += getattr(self, section).problems()
+        ignored = [name for name in LORA_ONLY_FIELDS if name in self.given]
+        if self.model.full_finetuning and ignored:
+            found.append(f"{', '.join(ignored)} configure LoRA, which full_finetuning true does not train: drop "
+                         f"{'them' if len(ignored) > 1 else 'it'} or set full_finetuning false")
         if self.data.is_blend and self.train.max_steps == -1:
             found.append("a weighted data_path has no epoch (each component repeats or is sub-sampled by its "
                          "weight): set max_steps instead of num_train_epochs")
@@ -420,6 +437,17 @@ def _parse_overrides(tokens: list[str], table: dict[str, tuple[str, Any]]) -> di
     if problems:
         raise ConfigError("invalid command line: " + "; ".join(problems))
     return values
+
+
+def _split_commas(value: Any) -> Any:
+    """``"a, b"`` or ``["a,b", "c"]`` (a JSON list, or several command-line values) -> ``["a", "b", "c"]``;
+    null stays null (an empty list); anything else is left for the type check to report."""
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        return value
+    return [part.strip() for item in items for part in item.split(",") if part.strip()]
 
 
 def _base(tp: Any) -> Any:

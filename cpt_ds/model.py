@@ -58,9 +58,9 @@ def load_hf_config(model_config: ModelConfig) -> Any:
         config = CONFIG_MAPPING[model_config.model_type]()
     if model_config.config_overrides:
         try:
-            config.update_from_string(model_config.config_overrides)
+            config.update_from_string(",".join(model_config.config_overrides))
         except ValueError as error:
-            raise ValueError(f"config_overrides {model_config.config_overrides!r}: {error}") from None
+            raise ValueError(f"config_overrides {','.join(model_config.config_overrides)!r}: {error}") from None
     return config
 
 
@@ -377,7 +377,7 @@ def grown_vocabulary_problems(model_config: ModelConfig, hf_config: Any, vocab_s
     if model_config.full_finetuning or vocab_size <= hf_config.vocab_size:
         return []
     needed = ["embed_tokens"] if getattr(hf_config, "tie_word_embeddings", False) else ["embed_tokens", "lm_head"]
-    saved = model_config.modules_to_save_list
+    saved = model_config.modules_to_save
     source = "modules_to_save"
     if model_config.peft_path is not None:
         adapter = Path(model_config.peft_path) / "adapter_config.json"
@@ -417,8 +417,8 @@ def lora_config(model_config: ModelConfig) -> Any:
         r=model_config.lora_rank,
         lora_alpha=model_config.lora_alpha,
         lora_dropout=model_config.lora_dropout,
-        target_modules=model_config.trainable_modules,
-        modules_to_save=model_config.modules_to_save_list or None,
+        target_modules=model_config.trainable,
+        modules_to_save=model_config.modules_to_save or None,
         inference_mode=False,
     )
 
@@ -432,7 +432,7 @@ def _wrap_lora(module: nn.Module, model_config: ModelConfig) -> nn.Module:
                     model_config.peft_path, adapter_config.get("r"), adapter_config.get("target_modules"))
         return PeftModel.from_pretrained(module, model_config.peft_path, is_trainable=True)
     names = {name.rsplit(".", 1)[-1] for name, _ in module.named_modules()}
-    missing = [target for target in model_config.trainable_modules + model_config.modules_to_save_list
+    missing = [target for target in model_config.trainable + model_config.modules_to_save
                if target not in names]
     if missing:
         raise ValueError(f"trainable/modules_to_save name modules the model does not have: {missing}; "

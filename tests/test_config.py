@@ -147,3 +147,39 @@ def test_help_lists_every_field_with_its_default(capsys):
     shown = capsys.readouterr().out
     assert all(f"--{name} " in shown for name in RunConfig.field_types())
     assert '--block_size                    default 1024' in shown
+
+
+def test_comma_fields_are_lists_in_the_code_and_keep_their_spelling_in_json(assets, tmp_path):
+    config = load(assets, tmp_path, ["--trainable", "q_proj,v_proj", "--modules_to_save", "embed_tokens, lm_head"],
+                  full_finetuning=False, model_name_or_path="base", config_name=None,
+                  config_overrides="attention_dropout=0.1,num_hidden_layers=3")
+    assert config.model.trainable == ["q_proj", "v_proj"]
+    assert config.model.modules_to_save == ["embed_tokens", "lm_head"]
+    assert config.model.config_overrides == ["attention_dropout=0.1", "num_hidden_layers=3"]
+    flat = config.to_flat()
+    assert (flat["trainable"], flat["modules_to_save"]) == ("q_proj,v_proj", "embed_tokens,lm_head")
+    assert flat["config_overrides"] == "attention_dropout=0.1,num_hidden_layers=3"
+    # A JSON list is accepted too, null is empty, and the flat form reads back to the same config.
+    listed = RunConfig.from_flat({**flat, "trainable": ["q_proj", "v_proj"], "modules_to_save": None})
+    assert listed.model.trainable == ["q_proj", "v_proj"] and listed.model.modules_to_save == []
+    assert listed.to_flat()["modules_to_save"] is None
+    assert RunConfig.from_flat(flat).model == config.model
+    with pytest.raises(ConfigError, match=r"trainable: must be a list of strings, got 3"):
+        RunConfig.from_flat({**flat, "trainable": 3})
+
+
+def test_lora_fields_with_full_finetuning_are_refused_by_name(assets, tmp_path):
+    config = load(assets, tmp_path, ["--lora_rank", "8", "--trainable", "q_proj"])
+    assert config.model.full_finetuning
+    problems = config.config_problems()
+    assert problems == ["trainable, lora_rank configure LoRA, which full_finetuning true does not train: drop them "
+                        "or set full_finetuning false"], problems
+    assert load(assets, tmp_path).config_problems() == []  # the defaults of LoRA fields are not "given"
+    single = load(assets, tmp_path, ["--modules_to_save", "lm_head"]).config_problems()
+    assert single == ["modules_to_save configure LoRA, which full_finetuning true does not train: drop it or set "
+                      "full_finetuning false"]
+
+
+def test_config_overrides_items_must_be_key_value(assets, tmp_path):
+    problems = load(assets, tmp_path, config_overrides="attention_dropout=0.1,oops,=2").config_problems()
+    assert problems == ["config_overrides items are KEY=VALUE, got 'oops', '=2'"], problems
