@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from cpt_ds.config_values import coerce, parse_overrides, split_commas
 from cpt_ds.data.blend import ComponentSpec, is_weighted, parse_data_path, parse_named_paths
 
 # Baseline flags that have no counterpart here, with what to do instead. Named so the unknown-key
@@ -52,10 +52,6 @@ LORA_ONLY_FIELDS = ("trainable", "lora_rank", "lora_alpha", "lora_dropout", "mod
 
 class ConfigError(ValueError):
     """The run configuration is invalid; the message lists every problem found."""
-
-
-def _choices(tp: Any) -> tuple[Any, ...] | None:
-    return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
 
 
 @dataclass(kw_only=True)
@@ -316,7 +312,7 @@ class RunConfig:
         sections: dict[str, dict[str, Any]] = {section: {} for section in cls.SECTIONS}
         for key, value in values.items():
             if key in COMMA_FIELDS:
-                value = _split_commas(value)
+                value = split_commas(value)
             if key not in table:
                 hint = RETIRED_FIELDS.get(key)
                 problems.append(f"{key}: not a cpt-ds field ({hint})" if hint
@@ -324,7 +320,7 @@ class RunConfig:
                 continue
             section, tp = table[key]
             try:
-                sections[section][key] = _coerce(value, tp)
+                sections[section][key] = coerce(value, tp)
             except (TypeError, ValueError) as error:
                 problems.append(f"{key}: {error}")
         if problems:
@@ -372,7 +368,10 @@ class RunConfig:
                 raise ConfigError(f"--config {path}: must hold a JSON object of field -> value")
             values.update(loaded)
             source = f"{path} + command line"
-        values.update(_parse_overrides(rest, cls.field_types()))
+        try:
+            values.update(parse_overrides(rest, cls.field_types()))
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         return cls.from_flat(values, source=source)
 
     def to_flat(self) -> dict[str, Any]:
@@ -400,118 +399,3 @@ class RunConfig:
             found.append("a weighted data_path has no epoch (each component repeats or is sub-sampled by its "
                          "weight): set max_steps instead of num_train_epochs")
         return found
-
-
-# --------------------------------------------------------------------------------------------------
-# Parsing helpers
-# --------------------------------------------------------------------------------------------------
-
-
-def _parse_overrides(tokens: list[str], table: dict[str, tuple[str, Any]]) -> dict[str, Any]:
-    """``--key value`` pairs (list fields take every value up to the next flag); values stay strings."""
-    values: dict[str, Any] = {}
-    problems: list[str] = []
-    index = 0
-    while index < len(tokens):
-        token = tokens[index]
-        if not token.startswith("--"):
-            problems.append(f"unexpected argument {token!r} (flags are --field value)")
-            index += 1
-            continue
-        key, _, inline = token[2:].partition("=")
-        key = key.replace("-", "_")
-        index += 1
-        taken: list[str] = [inline] if inline else []
-        while index < len(tokens) and not tokens[index].startswith("--"):
-            taken.append(tokens[index])
-            index += 1
-        tp = table.get(key, (None, None))[1]
-        if _is_list(tp):
-            values[key] = taken
-        elif len(taken) == 1:
-            values[key] = taken[0]
-        elif not taken and _base(tp) is bool:
-            values[key] = "true"
-        else:
-            problems.append(f"--{key} takes one value, got {len(taken)}")
-    if problems:
-        raise ConfigError("invalid command line: " + "; ".join(problems))
-    return values
-
-
-def _split_commas(value: Any) -> Any:
-    """``"a, b"`` or ``["a,b", "c"]`` (a JSON list, or several command-line values) -> ``["a", "b", "c"]``;
-    null stays null (an empty list); anything else is left for the type check to report."""
-    if value is None:
-        return []
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
-        return value
-    return [part.strip() for item in items for part in item.split(",") if part.strip()]
-
-
-def _base(tp: Any) -> Any:
-    """Strip ``X | None``."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [arg for arg in typing.get_args(tp) if arg is not type(None)]
-        return args[0] if len(args) == 1 else tp
-    return tp
-
-
-def _is_list(tp: Any) -> bool:
-    return typing.get_origin(_base(tp)) is list
-
-
-def _coerce(value: Any, tp: Any) -> Any:
-    """Convert a JSON value or a command-line string to ``tp``; raise ValueError naming the expectation."""
-    optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("null", "none")):
-        if optional:
-            return None
-        raise ValueError("must not be null")
-    base = _base(tp)
-    choices = _choices(base)
-    if choices is not None:
-        for choice in choices:
-            if value == choice or (isinstance(value, str) and str(choice) == value):
-                return choice
-        raise ValueError(f"must be one of {list(choices)}, got {value!r}")
-    if _is_list(base):
-        if isinstance(value, str):
-            value = [value]
-        # Numbers are allowed so a blend's weights can be JSON numbers: ["0.8", "data/zh"] or [0.8, "data/zh"].
-        if not isinstance(value, list) or not all(
-                isinstance(item, str) or (isinstance(item, (int, float)) and not isinstance(item, bool))
-                for item in value):
-            raise ValueError(f"must be a list of strings, got {value!r}")
-        return [item if isinstance(item, str) else repr(item) for item in value]
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "0", "no"):
-            return False
-        raise ValueError(f"must be true or false, got {value!r}")
-    if base in (int, float):
-        return _coerce_number(value, base)
-    if base is str:
-        if isinstance(value, str):
-            return value
-        raise ValueError(f"must be a string, got {value!r}")
-    raise AssertionError(f"unsupported field type {tp}")
-
-
-def _coerce_number(value: Any, base: type) -> int | float:
-    """An int or float field from JSON or the command line; ``True`` and ``2.5`` are not integers."""
-    expected = "an integer" if base is int else "a number"
-    if isinstance(value, str):
-        try:
-            value = base(value)
-        except ValueError:
-            raise ValueError(f"must be {expected}, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"must be {expected}, got {value!r}")
-    if base is int and not float(value).is_integer():
-        raise ValueError(f"must be {expected}, got {value!r}")
-    return base(value)

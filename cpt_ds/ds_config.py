@@ -65,7 +65,43 @@ def load_deepspeed_config(
     replace the JSON's values; ``train_batch_size`` is then recomputed for this world size, because a
     concrete global batch in a shipped file could only be right for one cluster size.
     """
-    problems: list[str] = []
+    raw, problems = _read_json(path)
+    if raw is None:
+        return None, problems
+    autos = _find_auto(raw)
+    if autos:
+        problems.append(f"deepspeed: {path} has \"auto\" at {', '.join(autos)}; write concrete values "
+                        "(batch sizes in the JSON or per_device_train_batch_size / gradient_accumulation_steps)")
+    micro, accumulation = _batch_sizes(raw, path, world_size, micro_batch_size, gradient_accumulation_steps, problems)
+    zero = raw.get("zero_optimization", {}) or {}
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+    if stage not in (0, 1, 2, 3):
+        problems.append(f"deepspeed: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    bf16 = _enabled(raw, "bf16") or _enabled(raw, "bfloat16")
+    fp16 = _enabled(raw, "fp16")
+    if bf16 and fp16:
+        problems.append(f"deepspeed: {path} enables both bf16 and fp16; keep one")
+    if problems:
+        return None, problems
+    assert isinstance(micro, int) and isinstance(accumulation, int) and isinstance(zero, dict)
+    raw["train_micro_batch_size_per_gpu"] = micro
+    raw["gradient_accumulation_steps"] = accumulation
+    raw["train_batch_size"] = micro * accumulation * world_size
+    raw.setdefault("steps_per_print", 2**31 - 1)  # our own status line replaces DeepSpeed's
+    if "optimizer" not in raw:
+        # We hand DeepSpeed a torch optimizer; ZeRO refuses "untested" client optimizers unless told.
+        raw.setdefault("zero_allow_untested_optimizer", True)
+    settings = DeepSpeedSettings(
+        path=str(path), raw=raw, zero_stage=int(stage), precision="bf16" if bf16 else "fp16" if fp16 else "fp32",
+        micro_batch_size=micro, gradient_accumulation_steps=accumulation, world_size=world_size,
+        has_optimizer="optimizer" in raw, has_scheduler="scheduler" in raw,
+        offload_optimizer=_offload_device(zero, "offload_optimizer"), offload_param=_offload_device(zero, "offload_param"),
+    )
+    return settings, problems
+
+
+def _read_json(path: str) -> tuple[dict[str, Any] | None, list[str]]:
+    """The DeepSpeed JSON as a private copy (the run edits it), or None and the one problem."""
     file = Path(path)
     if not file.is_file():
         return None, [f"deepspeed: {path} not found; pass a DeepSpeed JSON such as ds_configs/zero2.json"]
@@ -75,13 +111,12 @@ def load_deepspeed_config(
         return None, [f"deepspeed: {path} is not valid JSON ({error})"]
     if not isinstance(raw, dict):
         return None, [f"deepspeed: {path} must hold a JSON object"]
-    raw = copy.deepcopy(raw)
+    return copy.deepcopy(raw), []
 
-    autos = _find_auto(raw)
-    if autos:
-        problems.append(f"deepspeed: {path} has \"auto\" at {', '.join(autos)}; write concrete values "
-                        "(batch sizes in the JSON or per_device_train_batch_size / gradient_accumulation_steps)")
 
+def _batch_sizes(raw: dict[str, Any], path: str, world_size: int, micro_batch_size: int | None,
+                 gradient_accumulation_steps: int | None, problems: list[str]) -> tuple[Any, Any]:
+    """``(micro, accumulation)`` from the JSON and the run config's overrides; problems are appended."""
     micro = micro_batch_size if micro_batch_size is not None else raw.get("train_micro_batch_size_per_gpu")
     accumulation = (gradient_accumulation_steps if gradient_accumulation_steps is not None
                     else raw.get("gradient_accumulation_steps"))
@@ -104,38 +139,4 @@ def load_deepspeed_config(
                         "(or set per_device_train_batch_size)")
     if not isinstance(accumulation, int) or accumulation <= 0:
         problems.append(f"deepspeed: gradient_accumulation_steps must be a positive integer, got {accumulation!r}")
-
-    zero = raw.get("zero_optimization", {}) or {}
-    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
-    if stage not in (0, 1, 2, 3):
-        problems.append(f"deepspeed: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
-    bf16 = _enabled(raw, "bf16") or _enabled(raw, "bfloat16")
-    fp16 = _enabled(raw, "fp16")
-    if bf16 and fp16:
-        problems.append(f"deepspeed: {path} enables both bf16 and fp16; keep one")
-    if problems:
-        return None, problems
-
-    raw["train_micro_batch_size_per_gpu"] = micro
-    raw["gradient_accumulation_steps"] = accumulation
-    raw["train_batch_size"] = micro * accumulation * world_size
-    raw.setdefault("steps_per_print", 2**31 - 1)  # our own status line replaces DeepSpeed's
-    has_optimizer = "optimizer" in raw
-    offload_optimizer = _offload_device(zero, "offload_optimizer")
-    if not has_optimizer:
-        # We hand DeepSpeed a torch optimizer; ZeRO refuses "untested" client optimizers unless told.
-        raw.setdefault("zero_allow_untested_optimizer", True)
-    settings = DeepSpeedSettings(
-        path=str(path),
-        raw=raw,
-        zero_stage=int(stage),
-        precision="bf16" if bf16 else "fp16" if fp16 else "fp32",
-        micro_batch_size=micro,
-        gradient_accumulation_steps=accumulation,
-        world_size=world_size,
-        has_optimizer=has_optimizer,
-        has_scheduler="scheduler" in raw,
-        offload_optimizer=offload_optimizer,
-        offload_param=_offload_device(zero, "offload_param"),
-    )
-    return settings, problems
+    return micro, accumulation

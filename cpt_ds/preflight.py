@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from cpt_ds.config import ConfigError, RunConfig
+from cpt_ds.config import ConfigError, ModelConfig, RunConfig
 from cpt_ds.ds_config import DeepSpeedSettings, load_deepspeed_config
 from cpt_ds.hardware import slow_cpu_precision_warning
 from cpt_ds.loss import liger_problems
@@ -26,7 +26,7 @@ from cpt_ds.model import (
     quantization_problems,
 )
 from cpt_ds.token_file import IndexedTokenFile, TokenFileError, resolve_token_prefixes
-from cpt_ds.tokenizer import load_tokenizer, tokenizer_fingerprint
+from cpt_ds.tokenizer import TokenizerError, load_tokenizer, tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -82,19 +82,50 @@ def _open_token_files(field_name: str, entries: list[str], problems: list[str]) 
 
 
 def preflight(config: RunConfig, *, world_size: int, rank: int = 0) -> Plan:
-    """Check the run config against the files it names; raise one ValueError with every problem.
+    """Check the run config against the files it names; raise one ConfigError with every problem.
 
     Warnings (things that work but badly) are logged once, by rank 0.
     """
-    problems = config.config_problems()
     model_cfg, data_cfg, train_cfg = config.model, config.data, config.train
-
+    problems = config.config_problems()
     ds, ds_problems = load_deepspeed_config(
         train_cfg.deepspeed, world_size=world_size,
         micro_batch_size=train_cfg.per_device_train_batch_size,
         gradient_accumulation_steps=train_cfg.gradient_accumulation_steps)
     problems += ds_problems
+    problems += _path_problems(config, ds)
+    tokenizer, fingerprint = _open_tokenizer(model_cfg, problems)
+    components, _ = data_cfg.components()
+    train_components = [(c.name, c.weight, _open_token_files("data_path", list(c.paths), problems)) for c in components]
+    named_eval, _ = data_cfg.eval_sets()
+    eval_sets = [(name, _open_token_files("eval_data_path", [prefix], problems)) for name, prefix in named_eval]
+    files = [file for _, _, group in train_components for file in group] + [
+        file for _, group in eval_sets for file in group]
+    if fingerprint:
+        problems += _packed_with_problems(files, fingerprint, model_cfg.tokenizer_path)
+    hf_config, vocab_size = _model_shape(config, tokenizer, files, problems)
+    if ds is not None:
+        problems += _engine_problems(config, ds)
+        if rank == 0 and not torch.cuda.is_available():
+            warning = slow_cpu_precision_warning(ds.precision, ds.path)
+            if warning is not None:
+                logger.warning(warning)
+    problems += attention_problems(model_cfg)
+    problems += liger_problems(model_cfg.use_liger_kernel)
+    has_eval_data = bool(data_cfg.eval_data_path) or data_cfg.validation_split_percentage > 0
+    if train_cfg.eval_steps is not None and not has_eval_data:
+        problems.append("eval_steps is set but there is no validation data: set eval_data_path or "
+                        "validation_split_percentage > 0")
+    if problems:
+        raise ConfigError("invalid run configuration:\n  - " + "\n  - ".join(problems))
+    assert ds is not None and hf_config is not None and tokenizer is not None
+    return Plan(config=config, ds=ds, train_components=train_components, eval_sets=eval_sets, hf_config=hf_config,
+                tokenizer=tokenizer, tokenizer_fingerprint=fingerprint, vocab_size=vocab_size)
 
+
+def _path_problems(config: RunConfig, ds: DeepSpeedSettings | None) -> list[str]:
+    """Model, adapter and checkpoint folders that do not exist (nothing is downloaded at run time)."""
+    model_cfg, problems = config.model, []
     for name in ("model_name_or_path", "config_name", "peft_path"):
         value = getattr(model_cfg, name)
         if value is not None and not Path(value).exists():
@@ -104,85 +135,79 @@ def preflight(config: RunConfig, *, world_size: int, rank: int = 0) -> Plan:
     if model_cfg.peft_path is not None and Path(model_cfg.peft_path).is_dir() \
             and not (Path(model_cfg.peft_path) / "adapter_config.json").is_file():
         problems.append(f"peft_path: {model_cfg.peft_path} holds no adapter_config.json; pass a peft adapter folder")
-    resume = train_cfg.resume_from_checkpoint
+    resume = config.train.resume_from_checkpoint
     if resume not in ("auto", "none") and not Path(resume).exists():
         problems.append(f"resume_from_checkpoint: {resume} does not exist; pass a step-NNNNNNNN folder, "
                         "'auto' or 'none'")
+    return problems
 
-    tokenizer = None
-    fingerprint = ""
-    if model_cfg.tokenizer_path is not None and Path(model_cfg.tokenizer_path).exists():
-        try:
-            fingerprint = tokenizer_fingerprint(model_cfg.tokenizer_path)
-            tokenizer = load_tokenizer(model_cfg.tokenizer_path)
-        except ValueError as error:
-            problems.append(f"tokenizer_name_or_path: {error}")
-    elif model_cfg.tokenizer_path is not None:
-        problems.append(f"tokenizer_name_or_path: {model_cfg.tokenizer_path} does not exist; "
+
+def _open_tokenizer(model_cfg: ModelConfig, problems: list[str]) -> tuple[Any, str]:
+    """``(tokenizer or None, fingerprint or "")``; problems are appended."""
+    path = model_cfg.tokenizer_path
+    if path is None:
+        return None, ""
+    if not Path(path).exists():
+        problems.append(f"tokenizer_name_or_path: {path} does not exist; "
                         "pass the tokenizer folder the token files were packed with")
+        return None, ""
+    tokenizer, fingerprint = None, ""
+    try:
+        fingerprint = tokenizer_fingerprint(path)
+        tokenizer = load_tokenizer(path)
+    except TokenizerError as error:
+        problems.append(f"tokenizer_name_or_path: {error}")
+    return tokenizer, fingerprint
 
-    components, _ = data_cfg.components()
-    train_components = [(c.name, c.weight, _open_token_files("data_path", list(c.paths), problems)) for c in components]
-    named_eval, _ = data_cfg.eval_sets()
-    eval_sets = [(name, _open_token_files("eval_data_path", [prefix], problems)) for name, prefix in named_eval]
-    train_files = [file for _, _, files in train_components for file in files]
-    eval_files = [file for _, files in eval_sets for file in files]
-    if fingerprint:
-        for file in train_files + eval_files:
-            packed_with = sidecar_tokenizer_fingerprint(file.meta)
-            if packed_with is None:
-                logger.warning("%s has no cpt-ds sidecar (a plain Megatron file): its tokenizer cannot be checked",
-                               file.bin_path)
-            elif packed_with != fingerprint:
-                problems.append(f"tokenizer fingerprint {fingerprint[:12]} of {model_cfg.tokenizer_path} != "
-                                f"{packed_with[:12]} recorded in {file.json_path}; pack the corpus with this "
-                                "tokenizer or point tokenizer_name_or_path at the one it was packed with")
 
-    hf_config = None
-    model_source_ok = all(getattr(model_cfg, name) is None or Path(getattr(model_cfg, name)).exists()
-                          for name in ("model_name_or_path", "config_name"))
-    if model_source_ok:
-        try:
-            hf_config = load_hf_config(model_cfg)
-        except (OSError, ValueError) as error:
-            problems.append(f"model config: {error}")
-    vocab_size = 0
-    if hf_config is not None:
-        max_positions = getattr(hf_config, "max_position_embeddings", None)
-        if max_positions is not None and data_cfg.block_size > max_positions:
-            problems.append(f"block_size {data_cfg.block_size} > the model's max_position_embeddings "
-                            f"{max_positions}; lower block_size")
-        vocab_size = max(hf_config.vocab_size, len(tokenizer) if tokenizer is not None else 0)
-        problems += grown_vocabulary_problems(model_cfg, hf_config, vocab_size)
-        for file in train_files + eval_files:
-            largest = (file.meta or {}).get("max_token_id")
-            if largest is not None and largest >= vocab_size:
-                problems.append(f"{file.bin_path} holds token id {largest} but the model's vocabulary has "
-                                f"{vocab_size} rows; pack with the model's tokenizer")
+def _packed_with_problems(files: list[IndexedTokenFile], fingerprint: str, tokenizer_path: str | None) -> list[str]:
+    """Token files packed with another tokenizer than the run's (a sidecar-less file is only warned about)."""
+    problems = []
+    for file in files:
+        packed_with = sidecar_tokenizer_fingerprint(file.meta)
+        if packed_with is None:
+            logger.warning("%s has no cpt-ds sidecar (a plain Megatron file): its tokenizer cannot be checked",
+                           file.bin_path)
+        elif packed_with != fingerprint:
+            problems.append(f"tokenizer fingerprint {fingerprint[:12]} of {tokenizer_path} != "
+                            f"{packed_with[:12]} recorded in {file.json_path}; pack the corpus with this "
+                            "tokenizer or point tokenizer_name_or_path at the one it was packed with")
+    return problems
 
-    if ds is not None:
-        problems += dtype_problems(model_cfg, ds)
-        problems += quantization_problems(model_cfg, ds)
-        if ds.has_optimizer:
-            params = ds.raw["optimizer"].get("params", {})
-            for ours, theirs in (("learning_rate", "lr"), ("weight_decay", "weight_decay")):
-                if theirs in params and params[theirs] != getattr(config.optim, ours):
-                    problems.append(f"{ours} {getattr(config.optim, ours)} != optimizer.params.{theirs} "
-                                    f"{params[theirs]} in {ds.path}; make them equal or drop it from the JSON")
-    problems += attention_problems(model_cfg)
-    problems += liger_problems(model_cfg.use_liger_kernel)
-    if ds is not None and rank == 0 and not torch.cuda.is_available():
-        warning = slow_cpu_precision_warning(ds.precision, ds.path)
-        if warning is not None:
-            logger.warning(warning)
 
-    has_eval_data = bool(data_cfg.eval_data_path) or data_cfg.validation_split_percentage > 0
-    if train_cfg.eval_steps is not None and not has_eval_data:
-        problems.append("eval_steps is set but there is no validation data: set eval_data_path or "
-                        "validation_split_percentage > 0")
+def _model_shape(config: RunConfig, tokenizer: Any, files: list[IndexedTokenFile],
+                 problems: list[str]) -> tuple[Any, int]:
+    """``(hf_config or None, embedding rows)``: the model config checked against block size, tokenizer and data."""
+    model_cfg, block_size = config.model, config.data.block_size
+    if not all(getattr(model_cfg, name) is None or Path(getattr(model_cfg, name)).exists()
+               for name in ("model_name_or_path", "config_name")):
+        return None, 0
+    try:
+        hf_config = load_hf_config(model_cfg)
+    except (OSError, ValueError) as error:
+        problems.append(f"model config: {error}")
+        return None, 0
+    max_positions = getattr(hf_config, "max_position_embeddings", None)
+    if max_positions is not None and block_size > max_positions:
+        problems.append(f"block_size {block_size} > the model's max_position_embeddings "
+                        f"{max_positions}; lower block_size")
+    vocab_size = max(hf_config.vocab_size, len(tokenizer) if tokenizer is not None else 0)
+    problems += grown_vocabulary_problems(model_cfg, hf_config, vocab_size)
+    for file in files:
+        largest = (file.meta or {}).get("max_token_id")
+        if largest is not None and largest >= vocab_size:
+            problems.append(f"{file.bin_path} holds token id {largest} but the model's vocabulary has "
+                            f"{vocab_size} rows; pack with the model's tokenizer")
+    return hf_config, vocab_size
 
-    if problems:
-        raise ConfigError("invalid run configuration:\n  - " + "\n  - ".join(problems))
-    assert ds is not None and hf_config is not None and tokenizer is not None
-    return Plan(config=config, ds=ds, train_components=train_components, eval_sets=eval_sets, hf_config=hf_config,
-                tokenizer=tokenizer, tokenizer_fingerprint=fingerprint, vocab_size=vocab_size)
+
+def _engine_problems(config: RunConfig, ds: DeepSpeedSettings) -> list[str]:
+    """Precision, quantization and optimizer settings that the DeepSpeed JSON and the run config disagree on."""
+    problems = dtype_problems(config.model, ds) + quantization_problems(config.model, ds)
+    if ds.has_optimizer:
+        params = ds.raw["optimizer"].get("params", {})
+        for ours, theirs in (("learning_rate", "lr"), ("weight_decay", "weight_decay")):
+            if theirs in params and params[theirs] != getattr(config.optim, ours):
+                problems.append(f"{ours} {getattr(config.optim, ours)} != optimizer.params.{theirs} "
+                                f"{params[theirs]} in {ds.path}; make them equal or drop it from the JSON")
+    return problems

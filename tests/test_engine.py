@@ -69,17 +69,39 @@ def test_qlora_learns_after_an_eval_pass(assets, tmp_path, bits):
     assert all(r["grad_norm"] > 1e-6 for r in records), records
 
 
-def test_qlora_with_quantized_weights_is_really_quantized(assets, tmp_path):
-    import bitsandbytes as bnb
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+def build(config: dict, ds_path: Path):
+    """Our build_model on one process (no engine): what train.py would train for this run config."""
+    from cpt_ds.config import RunConfig
+    from cpt_ds.ds_config import load_deepspeed_config
+    from cpt_ds.model import build_model
 
-    model = AutoModelForCausalLM.from_pretrained(
-        assets.base_model, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                                   llm_int8_skip_modules=["lm_head", "embed_tokens"]))
-    kinds = {type(m).__name__ for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)}
-    assert kinds == {"Linear4bit"}
-    assert not isinstance(model.lm_head, bnb.nn.Linear4bit)
-    assert model.model.embed_tokens.weight.dtype == torch.float32
+    run = RunConfig.from_flat(config)
+    ds, problems = load_deepspeed_config(str(ds_path), world_size=1)
+    assert ds is not None, problems
+    return build_model(run.model, ds, vocab_size=512, seed=0)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qlora_with_quantized_weights_is_really_quantized(assets, tmp_path, bits):
+    import bitsandbytes as bnb
+
+    built = build(lora_config(assets, tmp_path / "out", load_in_kbits=bits, modules_to_save=None), assets.ds["zero2"])
+    quantized_type = bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt
+    targets = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    base_layers = {name: module for name, module in built.module.named_modules() if name.endswith(".base_layer")}
+    # Every LoRA target's frozen base is a bitsandbytes layer; the embeddings and the head stay plain.
+    assert {name.split(".")[-2] for name in base_layers} == targets
+    assert base_layers and all(isinstance(module, quantized_type) for module in base_layers.values())
+    weights = [module.weight for module in base_layers.values()]
+    if bits == 4:
+        assert all(isinstance(weight, bnb.nn.Params4bit) and weight.quant_state is not None for weight in weights)
+    else:
+        assert all(weight.dtype == torch.int8 for weight in weights)
+    causal = built.module.get_base_model()
+    assert not isinstance(causal.lm_head, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+    assert causal.model.embed_tokens.weight.dtype == torch.float32
+    trainable = {name for name, parameter in built.module.named_parameters() if parameter.requires_grad}
+    assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable), sorted(trainable)
 
 
 def test_deepspeed_json_with_its_own_optimizer_scheduler_and_csv_monitor(assets, tmp_path):
@@ -97,6 +119,44 @@ def test_deepspeed_json_with_its_own_optimizer_scheduler_and_csv_monitor(assets,
     assert_learned(out)
     csv = (tmp_path / "monitor" / "run" / "Train_loss.csv").read_text().splitlines()
     assert len(csv) == 1 + 10 and csv[-1].startswith("10,")
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_gradient_checkpointing_recomputes_each_layer_and_gives_the_same_gradients(assets, tmp_path, mode,
+                                                                                   monkeypatch):
+    """The flag must really checkpoint: every decoder layer's MLP runs its forward again during backward,
+    and the loss and every gradient are those of the plain model."""
+    from transformers.models.llama import modeling_llama
+
+    calls = [0]
+    mlp_forward = modeling_llama.LlamaMLP.forward
+
+    def counted_forward(self, *args, **kwargs):
+        # Module hooks do not fire on a checkpoint's recompute, so the forward itself is counted.
+        calls[0] += 1
+        return mlp_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", counted_forward)
+    batch = torch.arange(5, 5 + 2 * 32).view(2, 32)
+    results = []
+    for checkpointing in (False, True):
+        config = (run_config(assets, tmp_path / "out") if mode == "full" else
+                  lora_config(assets, tmp_path / "out", lora_dropout=0.0))
+        built = build({**config, "gradient_checkpointing": checkpointing}, assets.ds["zero2"])
+        built.module.train()
+        calls[0] = 0
+        output = built.module(input_ids=batch, labels=batch)
+        forward_calls = calls[0]
+        output.loss.backward()
+        gradients = {name: p.grad.clone() for name, p in built.module.named_parameters() if p.requires_grad}
+        results.append((forward_calls, calls[0] - forward_calls, output.loss.detach(), gradients))
+    (plain_forward, plain_backward, plain_loss, plain_grads), (forward, backward, loss, grads) = results
+    num_layers = built.hf_config.num_hidden_layers
+    assert (plain_forward, plain_backward) == (num_layers, 0)
+    assert (forward, backward) == (num_layers, num_layers)  # each layer recomputed once in backward
+    assert torch.equal(loss, plain_loss)
+    assert grads.keys() == plain_grads.keys() and grads
+    assert all(torch.allclose(grads[name], plain_grads[name], rtol=1e-5, atol=1e-7) for name in grads)
 
 
 def test_gradient_checkpointing_gives_the_same_losses(assets, tmp_path):
