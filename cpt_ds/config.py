@@ -204,18 +204,12 @@ class OptimConfig:
     """Floor of the decay as a fraction of learning_rate."""
 
     def problems(self) -> list[str]:
-        found = []
-        if self.learning_rate <= 0:
-            found.append(f"learning_rate must be positive, got {self.learning_rate}")
-        if self.weight_decay < 0:
-            found.append(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            found.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.warmup_steps < 0:
-            found.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            found.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        return found
+        rules = [("learning_rate", self.learning_rate > 0, "must be positive"),
+                 ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+                 ("warmup_ratio", 0.0 <= self.warmup_ratio < 1.0, "must be in [0, 1)"),
+                 ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),
+                 ("min_lr_ratio", 0.0 <= self.min_lr_ratio <= 1.0, "must be in [0, 1]")]
+        return [f"{name} {rule}, got {getattr(self, name)}" for name, holds, rule in rules if not holds]
 
 
 @dataclass(kw_only=True)

@@ -7,6 +7,7 @@ fp16 likewise needs avx512_fp16 / amx_fp16 (x86) or fphp/asimdhp (Arm).
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 NATIVE_FLAGS = {
@@ -49,3 +50,16 @@ def slow_cpu_precision_warning(precision: str, ds_path: str, *, flags: set[str] 
     return (f"{ds_path} asks for {precision}, but this CPU (PyTorch capability {capability or cpu_capability()}, "
             f"no {wanted}) has no native {precision}: its matmuls are emulated, about 100x slower than fp32. "
             "Train on CPU with ds_configs/zero2_fp32.json (or drop the JSON's bf16/fp16 section)")
+
+
+def cuda_package_problems(field: str, *, module: str, package: str, extra: str, fallback: str) -> list[str]:
+    """Why the optional CUDA feature that run-config field ``field`` asks for cannot run here (empty when it
+    can): its package ``package`` (imported as ``module``, installed by the ``extra`` extra) or a GPU is missing."""
+    if importlib.util.find_spec(module) is None:
+        return [f"{field} is set but {package} is not installed; pip install 'cpt-ds[{extra}]' on a CUDA "
+                f"machine, or set {field} false ({fallback})"]
+    import torch
+
+    if not torch.cuda.is_available():
+        return [f"{field} needs a CUDA GPU; set {field} false on this machine ({fallback})"]
+    return []

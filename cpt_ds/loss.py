@@ -30,7 +30,6 @@ correct flags, so per-sample or per-corpus sums need no logits (cpt_ds/metrics.p
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +39,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from cpt_ds.data.loader import IGNORE_INDEX
+from cpt_ds.hardware import cuda_package_problems
 
 
 @dataclass
@@ -185,12 +185,9 @@ def head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, 
 def liger_problems(use_liger: bool) -> list[str]:
     if not use_liger:
         return []
-    if importlib.util.find_spec("liger_kernel") is None:
-        return ["use_liger_kernel is set but liger-kernel is not installed; pip install 'cpt-ds[gpu]' on a CUDA "
-                "machine, or set use_liger_kernel false (the chunked loss)"]
-    if not torch.cuda.is_available():
-        return ["use_liger_kernel needs a CUDA GPU (its kernels are Triton); set use_liger_kernel false here"]
-    return []
+    # Liger's kernels are Triton: CUDA only.
+    return cuda_package_problems("use_liger_kernel", module="liger_kernel", package="liger-kernel", extra="gpu",
+                                 fallback="the chunked loss")
 
 
 def apply_liger_kernels(causal_lm: nn.Module) -> None:

@@ -20,6 +20,7 @@ from torch import nn
 
 from cpt_ds.config import ModelConfig
 from cpt_ds.ds_config import DeepSpeedSettings
+from cpt_ds.hardware import cuda_package_problems
 from cpt_ds.loss import LossSettings, apply_liger_kernels, attach_loss_forward, causal_lm_of
 from cpt_ds.tokenizer import VOCAB_EXTENSION_FILE
 
@@ -193,12 +194,8 @@ def module_attention_implementation(module: Any) -> str:
 def attention_problems(model_config: ModelConfig) -> list[str]:
     if not model_config.use_flash_attention_2:
         return []
-    if importlib.util.find_spec("flash_attn") is None:
-        return ["use_flash_attention_2 is set but flash-attn is not installed; install it with "
-                "pip install 'cpt-ds[flash]' on a CUDA machine, or set use_flash_attention_2 false (PyTorch SDPA)"]
-    if not torch.cuda.is_available():
-        return ["use_flash_attention_2 needs a CUDA GPU; set use_flash_attention_2 false on this machine"]
-    return []
+    return cuda_package_problems("use_flash_attention_2", module="flash_attn", package="flash-attn", extra="flash",
+                                 fallback="PyTorch SDPA")
 
 
 def loss_settings(model_config: ModelConfig) -> LossSettings:

@@ -22,6 +22,7 @@ over 2**20 so the arithmetic is exact (numpy int64; positions up to 2**40).
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import math
 from collections.abc import Sequence
@@ -46,11 +47,10 @@ class ComponentSpec:
 
 
 def _is_number(text: str) -> bool:
-    try:
+    with contextlib.suppress(ValueError):
         float(text)
-    except ValueError:
-        return False
-    return True
+        return True
+    return False
 
 
 def component_names(paths: Sequence[str]) -> list[str]:
