@@ -54,15 +54,9 @@ from typing import Any, Literal
 
 from cpt_ds import __version__
 from cpt_ds.pack.encoders import byte_level_alphabet, cached_merges_refusal
-from cpt_ds.pack.sources import (
-    EncodingErrors,
-    PackError,
-    RawChunk,
-    TxtUnit,
-    chunk_documents,
-    discover_inputs,
-    iter_raw_chunks,
-)
+from cpt_ds.pack.chunks import RawChunk, iter_raw_chunks
+from cpt_ds.pack.documents import chunk_documents
+from cpt_ds.pack.sources import EncodingErrors, PackError, TxtUnit, discover_inputs
 from cpt_ds.tokenizer import (
     EXTENSION_FORMAT,
     EXTENSION_VERSION,

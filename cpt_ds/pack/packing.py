@@ -49,9 +49,10 @@ import numpy as np
 from cpt_ds import __version__
 from cpt_ds.token_file import paths_for, shard_prefix, token_dtype_for_vocab
 from cpt_ds.pack.partial import PartialPack, Position, fault, pending_publish
+from cpt_ds.pack.chunks import RawChunk, chunk_end, iter_raw_chunks
+from cpt_ds.pack.documents import chunk_documents, describe_location
 from cpt_ds.pack.sources import (
-    ENCODING_ERRORS, TXT_UNITS, EncodingErrors, InputFile, PackError, RawChunk, TxtUnit, chunk_documents, chunk_end,
-    describe_location, discover_inputs, iter_raw_chunks, select_shard,
+    ENCODING_ERRORS, TXT_UNITS, EncodingErrors, InputFile, PackError, TxtUnit, discover_inputs, select_shard,
 )
 from cpt_ds.pack.encoders import EncoderSpec, HFEncoder, TokenEncoder, check_identity, select_encoder
 from cpt_ds.tokenizer import read_tokenizer, tokenizer_files
