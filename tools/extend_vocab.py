@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from cpt_ds.pack.extend_vocab import ExtendOptions, VocabExtensionError, extend_vocabulary  # noqa: E402
-from cpt_ds.pack.packing import default_workers  # noqa: E402
+from cpt_ds.pack.workers import default_workers  # noqa: E402
 from cpt_ds.pack.sources import ENCODING_ERRORS, TXT_UNITS  # noqa: E402
 from cpt_ds.tokenizer import TokenizerError  # noqa: E402
 

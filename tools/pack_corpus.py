@@ -26,9 +26,9 @@ from cpt_ds.pack.packing import (  # noqa: E402
     ENCODER_CHOICES,
     PackError,
     PackOptions,
-    default_workers,
     pack_corpus,
 )
+from cpt_ds.pack.workers import default_workers  # noqa: E402
 from cpt_ds.pack.sources import ENCODING_ERRORS, TXT_UNITS, parse_shard  # noqa: E402
 from cpt_ds.token_file import TokenFileError  # noqa: E402
 from cpt_ds.tokenizer import TokenizerError  # noqa: E402

@@ -310,7 +310,7 @@ def count_pieces(inputs: Sequence[str | os.PathLike], tokenizer_json: str, optio
 
     ``pre_tokenizer``: the pre-tokenizer of ``tokenizer_json``, built already, for ``workers`` 1.
     """
-    from cpt_ds.pack.packing import worker_start_method
+    from cpt_ds.pack.workers import worker_start_method
 
     sources = discover_inputs(inputs)
     total = PieceCounts()
