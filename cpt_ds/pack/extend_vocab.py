@@ -12,21 +12,13 @@ already does changes:
    (ties: the smaller ids) into a new token with the next id after the last existing one (LLaMA-3:
    128,256, past the special tokens), and update only the pieces that held the pair.
 3. After each new token every touched piece is brought to what the extended tokenizer will really
-   give for it, not just "the pair joined": the merge rules below may let the new token join a
+   give for it, not just "the pair joined": the merge rules may let the new token join a
    neighbour into an *existing* token, and a piece that is now a whole token is taken whole
    (``ignore_merges``). The learned counts are therefore counts of the final tokenizer's tokens.
 
-How the merges are written depends on the base tokenizer's merge list:
-
-* ``tiktoken`` form (LLaMA-3; Hugging Face's tiktoken converter writes it): the merges are every
-  split of every token into two tokens, ordered by the id of the token formed, and a merge's rank is
-  the id it forms. The extension keeps that form, so the packer's exact tiktoken encoder still
-  applies: each new token gets every split of it into two tokens (ranked after every original merge,
-  since its id is larger), and the rare split of an *original* token whose one half is a new token is
-  inserted after that original token's own merges (tiktoken makes that merge anyway; without it HF
-  ``tokenizers`` would not). No original merge moves, and every added merge has a new token on one
-  side or the other, so a text in which no new merge applies tokenizes exactly as before.
-* Rank-ordered merges (GPT-2 style): the learned merges are appended after the original ones.
+Step 1 lives in ``cpt_ds/pack/pieces.py``; steps 2 and 3, and how the new merges are written
+(keeping LLaMA-3's tiktoken form, so the packer's exact encoder still applies), in
+``cpt_ds/pack/bpe.py``. This module checks the base tokenizer and writes the output folder.
 
 The output folder holds ``tokenizer.json`` (original vocabulary, added tokens, pre-tokenizer,
 decoder and post-processor unchanged; new tokens and merges appended), ``tokenizer_config.json`` and
@@ -34,7 +26,6 @@ decoder and post-processor unchanged; new tokens and merges appended), ``tokeniz
 ``cpt_ds_vocab_extension.json`` (the base tokenizer's fingerprint and each new token's sub-tokens
 under it, for the model's embedding init) and ``extend_report.json``.
 """
-
 
 from __future__ import annotations
 
@@ -94,13 +85,12 @@ class ExtendOptions:
     """How many of the most frequent new tokens the report lists."""
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.num_new_tokens <= 0:
-            problems.append(f"--num-new-tokens must be positive, got {self.num_new_tokens}")
-        if self.min_frequency < 1:
-            problems.append(f"--min-frequency must be at least 1, got {self.min_frequency}")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            problems.append(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
+        rules = [
+            (self.num_new_tokens > 0, f"--num-new-tokens must be positive, got {self.num_new_tokens}"),
+            (self.min_frequency >= 1, f"--min-frequency must be at least 1, got {self.min_frequency}"),
+            (0.0 <= self.eval_fraction < 1.0, f"--eval-fraction must be in [0, 1), got {self.eval_fraction}"),
+        ]
+        problems = [message for holds, message in rules if not holds]
         if problems:
             raise VocabExtensionError("; ".join(problems))
 
