@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from cpt_ds.pack.encoders import check_identity, select_encoder
 from cpt_ds.pack.bpe import BpeContinuation
+from cpt_ds.pack.encoders import check_identity, select_encoder
 from cpt_ds.pack.extend_vocab import (
     REPORT_FILE,
     ExtendOptions,

@@ -21,11 +21,11 @@ from cpt_ds import __version__
 from cpt_ds import tokenizer as tokenizer_module
 from cpt_ds.fileio import sha256_file
 from cpt_ds.pack import workers as workers_module
+from cpt_ds.pack.chunks import RawChunk
 from cpt_ds.pack.encoders import IDENTITY_PROBE, EncoderMismatchError, FastEncoder, select_encoder
 from cpt_ds.pack.packing import PackOptions, pack_corpus
-from cpt_ds.pack.workers import WorkerConfig, Workers
-from cpt_ds.pack.chunks import RawChunk
 from cpt_ds.pack.sources import PackError, discover_inputs
+from cpt_ds.pack.workers import WorkerConfig, Workers
 from cpt_ds.token_file import IndexedTokenFile, TokenFileError
 from cpt_ds.tokenizer import decode, load_tokenizer, read_tokenizer, tokenizer_fingerprint
 

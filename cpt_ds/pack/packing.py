@@ -43,7 +43,14 @@ from cpt_ds.pack.chunks import RawChunk, chunk_end, iter_raw_chunks
 from cpt_ds.pack.encoders import EncoderSpec, select_encoder
 from cpt_ds.pack.partial import PartialPack, Position, fault, pending_publish
 from cpt_ds.pack.sources import (
-    ENCODING_ERRORS, TXT_UNITS, EncodingErrors, InputFile, PackError, TxtUnit, discover_inputs, select_shard,
+    ENCODING_ERRORS,
+    TXT_UNITS,
+    EncodingErrors,
+    InputFile,
+    PackError,
+    TxtUnit,
+    discover_inputs,
+    select_shard,
 )
 from cpt_ds.pack.workers import EncodedChunk, WorkerConfig, Workers, default_workers
 from cpt_ds.token_file import paths_for, shard_prefix, token_dtype_for_vocab

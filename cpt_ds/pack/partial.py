@@ -45,10 +45,10 @@ from typing import Any
 
 import numpy as np
 
+from cpt_ds.fileio import atomic_write_text
+from cpt_ds.pack.sources import PackError
 from cpt_ds.pack.writer import INDEX_BLOCK, publish, write_index_blocks, write_sidecar
 from cpt_ds.token_file import PARTIAL_SUFFIX, paths_for
-from cpt_ds.pack.sources import PackError
-from cpt_ds.fileio import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
