@@ -86,7 +86,7 @@ def page_documents(folder: Path) -> list[tuple[str, str]]:
 
 def cjk_lines_of_held_out_pages(source: Path, fraction: float) -> list[str]:
     """The CJK-dominant lines (prose, not code) of the pages the tool held out (same hash, same split)."""
-    from cpt_ds.pack.extend_vocab import is_cjk_dominant, is_held_out
+    from cpt_ds.pack.pieces import is_cjk_dominant, is_held_out
 
     lines = []
     for record in source.read_text(encoding="utf-8").splitlines():
@@ -105,7 +105,8 @@ def count_tokens(tokenizer_dir: Path, texts: list[str]) -> int:
 
 
 def part1(corpus: Path, tokenizer: Path, sizes: list[int], work: Path) -> None:
-    from cpt_ds.pack.extend_vocab import ExtendOptions, extend_vocabulary, is_cjk_dominant
+    from cpt_ds.pack.extend_vocab import ExtendOptions, extend_vocabulary
+    from cpt_ds.pack.pieces import is_cjk_dominant
 
     documents = page_documents(corpus)
     source = work / "rbe_zh.jsonl"

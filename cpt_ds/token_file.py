@@ -182,7 +182,8 @@ class IndexedTokenFile:
     def _fail(self, path: Path, problem: str, fix: str) -> TokenFileError:
         return TokenFileError(f"{path}: {problem}; {fix}")
 
-    def _parse_index(self) -> None:
+    def _parse_header(self) -> tuple[int, int, int]:
+        """Check the index header and set ``dtype``; returns the index size and the two counts in the header."""
         size = self.idx_path.stat().st_size
         if size < HEADER_SIZE:
             raise self._fail(self.idx_path, f"index is {size} bytes, shorter than the {HEADER_SIZE}-byte header",
@@ -205,6 +206,10 @@ class IndexedTokenFile:
             raise self._fail(self.idx_path, f"dtype code {code} ({self.dtype}) is not an integer token type",
                              "token files must hold integer ids: pack the corpus again")
         num_sequences, num_document_indices = struct.unpack("<QQ", header[18:34])
+        return size, num_sequences, num_document_indices
+
+    def _parse_index(self) -> None:
+        size, num_sequences, num_document_indices = self._parse_header()
         expected = HEADER_SIZE + 4 * num_sequences + 8 * num_sequences + 8 * num_document_indices
         if size != expected:
             raise self._fail(self.idx_path,

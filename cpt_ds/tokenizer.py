@@ -227,6 +227,11 @@ def plain_folder_refusal(folder: Path, parsed: dict[str, Any]) -> str | None:
     both files agree on them. transformers 5 loads it as ``TokenizersBackend`` around the unchanged
     ``tokenizer.json``, so its ids, length and special tokens can be read from the files.
     """
+    return (_files_refusal(folder, parsed) or _config_refusal(parsed) or _added_tokens_refusal(parsed)
+            or _special_tokens_refusal(parsed) or _transformers_refusal())
+
+
+def _files_refusal(folder: Path, parsed: dict[str, Any]) -> str | None:
     names = set(parsed) | {name for name in TOKENIZER_FILE_NAMES if (folder / name).is_file()}
     for required in ("tokenizer.json", "tokenizer_config.json"):
         if required not in names:
@@ -238,6 +243,10 @@ def plain_folder_refusal(folder: Path, parsed: dict[str, Any]) -> str | None:
         return f"it also holds {', '.join(others)}"
     if (folder / "config.json").exists():
         return "a model config.json can make AutoTokenizer choose a model-specific class"
+    return None
+
+
+def _config_refusal(parsed: dict[str, Any]) -> str | None:
     spec, config = parsed["tokenizer.json"], parsed["tokenizer_config.json"]
     if not isinstance(spec, dict) or not isinstance(config, dict):
         return "a tokenizer file is not a JSON object"
@@ -251,6 +260,11 @@ def plain_folder_refusal(folder: Path, parsed: dict[str, Any]) -> str | None:
         return "the model is not a BPE with a vocabulary"
     if spec.get("padding") is not None:
         return "tokenizer.json enables padding, whose pad token AutoTokenizer may add"
+    return None
+
+
+def _added_tokens_refusal(parsed: dict[str, Any]) -> str | None:
+    spec, config = parsed["tokenizer.json"], parsed["tokenizer_config.json"]
     added = spec.get("added_tokens")
     if not isinstance(added, list) or not all(isinstance(token, dict) and isinstance(token.get("content"), str)
                                               and isinstance(token.get("id"), int) for token in added):
@@ -258,13 +272,18 @@ def plain_folder_refusal(folder: Path, parsed: dict[str, Any]) -> str | None:
     by_content = {token["content"]: token["id"] for token in added}
     if len(by_content) != len(added) or len(set(by_content.values())) != len(added):
         return "two added tokens share a text or an id"
-    vocab = model["vocab"]
+    vocab = spec["model"]["vocab"]
     if any(vocab.get(content, token_id) != token_id for content, token_id in by_content.items()):
         return "an added token has another id in the vocabulary"
     if "added_tokens_decoder" in config:
         expected = {str(token["id"]): {k: v for k, v in token.items() if k != "id"} for token in added}
         if config["added_tokens_decoder"] != expected:
             return "tokenizer_config.json's added_tokens_decoder differs from tokenizer.json's added_tokens"
+    return None
+
+
+def _special_tokens_refusal(parsed: dict[str, Any]) -> str | None:
+    config = parsed["tokenizer_config.json"]
     special_map = parsed.get("special_tokens_map.json")
     if special_map is not None:
         if not isinstance(special_map, dict) or set(special_map) - set(NAMED_SPECIAL_TOKENS):
@@ -273,10 +292,15 @@ def plain_folder_refusal(folder: Path, parsed: dict[str, Any]) -> str | None:
             content = value.get("content") if isinstance(value, dict) else value
             if content != config.get(key):
                 return f"special_tokens_map.json's {key} differs from tokenizer_config.json's"
+    added = {token["content"] for token in parsed["tokenizer.json"]["added_tokens"]}
     for key in NAMED_SPECIAL_TOKENS:
         value = config.get(key)
-        if value is not None and (not isinstance(value, str) or value not in by_content):
+        if value is not None and (not isinstance(value, str) or value not in added):
             return f"{key} {value!r} is not an added token of tokenizer.json"
+    return None
+
+
+def _transformers_refusal() -> str | None:
     import importlib.metadata  # here: its import (~15 ms) would slow every worker's start
 
     try:

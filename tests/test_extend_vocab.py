@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from cpt_ds.pack.bpe import BpeContinuation
 from cpt_ds.pack.encoders import check_identity, select_encoder
 from cpt_ds.pack.extend_vocab import (
     REPORT_FILE,
-    BpeContinuation,
     ExtendOptions,
     VocabExtensionError,
     extend_vocabulary,
@@ -117,7 +117,7 @@ def test_text_without_new_merges_tokenizes_identically(tiny_dir, extended):
 
 def test_learning_state_is_what_the_written_tokenizer_gives(tiny_dir, extended, domain_file):
     """The BPE loop's token counts are counts of the real extended tokenizer's tokens, piece by piece."""
-    from cpt_ds.pack.extend_vocab import count_pieces
+    from cpt_ds.pack.pieces import count_pieces
 
     options = ExtendOptions(num_new_tokens=NUM_NEW, eval_fraction=0.2)
     base = read_base_tokenizer(tiny_dir)

@@ -20,10 +20,12 @@ import pytest
 from cpt_ds import __version__
 from cpt_ds import tokenizer as tokenizer_module
 from cpt_ds.fileio import sha256_file
-from cpt_ds.pack import packing
+from cpt_ds.pack import workers as workers_module
+from cpt_ds.pack.chunks import RawChunk
 from cpt_ds.pack.encoders import IDENTITY_PROBE, EncoderMismatchError, FastEncoder, select_encoder
-from cpt_ds.pack.packing import PackOptions, _WorkerConfig, _Workers, pack_corpus
-from cpt_ds.pack.sources import PackError, RawChunk, discover_inputs
+from cpt_ds.pack.packing import PackOptions, pack_corpus
+from cpt_ds.pack.sources import PackError, discover_inputs
+from cpt_ds.pack.workers import WorkerConfig, Workers
 from cpt_ds.token_file import IndexedTokenFile, TokenFileError
 from cpt_ds.tokenizer import decode, load_tokenizer, read_tokenizer, tokenizer_fingerprint
 
@@ -207,7 +209,7 @@ def test_fast_and_hf_encoders_write_the_same_tokens(tmp_path, mixed_corpus, tiny
 def test_chunks_in_flight_are_bounded(tiny_dir, tiny):
     """The main process reads ahead at most 2 * workers + 2 chunks, so memory does not grow with the corpus."""
     spec = select_encoder(tiny)
-    config = _WorkerConfig(spec, PackOptions(), tiny.bos_token_id, tiny.eos_token_id, "uint16")
+    config = WorkerConfig(spec, PackOptions(), tiny.bos_token_id, tiny.eos_token_id, "uint16")
     num_read = []
 
     def chunks():
@@ -215,7 +217,7 @@ def test_chunks_in_flight_are_bounded(tiny_dir, tiny):
             num_read.append(index)
             yield RawChunk(0, "mem.jsonl", False, "jsonl", b'{"text": "hello world"}\n', index + 1, 0, 24)
 
-    with _Workers(2) as pool:
+    with Workers(2) as pool:
         pool.configure(config)
         encoded = pool.encode_in_order(chunks())
         first = next(encoded)
@@ -236,31 +238,31 @@ def test_workers_fork_only_from_a_single_threaded_caller(tmp_path, monkeypatch, 
     busy = threading.Thread(target=release.wait)
     busy.start()
     try:
-        assert packing.worker_start_method() == "spawn"
+        assert workers_module.worker_start_method() == "spawn"
         pack([source], tiny_dir, tmp_path / "spawned", workers=2)
     finally:
         release.set()
         busy.join()
     # Other tests may leave idle threads in this process (tqdm's monitor, say): count as a lone caller.
-    monkeypatch.setattr(packing.threading, "active_count", lambda: 1)
-    assert packing.worker_start_method() == ("fork" if sys.platform.startswith("linux") else "spawn")
+    monkeypatch.setattr(workers_module.threading, "active_count", lambda: 1)
+    assert workers_module.worker_start_method() == ("fork" if sys.platform.startswith("linux") else "spawn")
     pack([source], tiny_dir, tmp_path / "forked", workers=2)
     assert file_bytes(tmp_path / "spawned") == file_bytes(tmp_path / "forked")
 
 
 def test_worker_reuses_the_hf_encoder_it_built_at_start_only_for_the_same_json(tmp_path, monkeypatch, tiny_dir,
                                                                                tiny):
-    monkeypatch.setattr(packing, "_state", None)
+    monkeypatch.setattr(workers_module, "_state", None)
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")  # restored after _init_worker sets it
     chunk = RawChunk(0, "mem.jsonl", False, "jsonl", b'{"text": "hello world"}\n', 1, 0, 24)
     for spec, reused in ((select_encoder(read_tokenizer(tiny_dir)), True), (select_encoder(tiny), False)):
         config_path = tmp_path / f"config_{reused}.pickle"
-        config_path.write_bytes(pickle.dumps(_WorkerConfig(spec, PackOptions(), 1022, 1023, "uint16")))
-        packing._init_worker(str(config_path))
-        packing._start_worker(str(tiny_dir / "tokenizer.json"))
-        early = packing._state.early_hf[1]
-        encoded = packing._encode_chunk(chunk)
-        assert (packing._state.reference is early) is reused
+        config_path.write_bytes(pickle.dumps(WorkerConfig(spec, PackOptions(), 1022, 1023, "uint16")))
+        workers_module._init_worker(str(config_path))
+        workers_module._start_worker(str(tiny_dir / "tokenizer.json"))
+        early = workers_module._state.early_hf[1]
+        encoded = workers_module._encode_chunk(chunk)
+        assert (workers_module._state.reference is early) is reused
         assert encoded.tokens.tolist() == [1022, *spec.build()[0].encode_batch(["hello world"])[0].tolist(), 1023]
 
 

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from cpt_ds.pack.chunks import iter_raw_chunks
 from cpt_ds.pack.packing import PackOptions, pack_corpus
-from cpt_ds.pack.sources import PackError, discover_inputs, iter_raw_chunks
+from cpt_ds.pack.sources import PackError, discover_inputs
 from cpt_ds.token_file import IndexedTokenFile
 from cpt_ds.tokenizer import decode, load_tokenizer
 

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from cpt_ds.pack.chunks import iter_raw_chunks
 from cpt_ds.pack.packing import PackOptions, pack_corpus
 from cpt_ds.pack.partial import FAULT_ENV, InjectedFault
-from cpt_ds.pack.sources import PackError, discover_inputs, iter_raw_chunks
+from cpt_ds.pack.sources import PackError, discover_inputs
 from cpt_ds.token_file import IndexedTokenFile, TokenFileError
 
 from helpers_data import REPO, chinese_documents, english_documents, output_files, write_bytes, write_jsonl

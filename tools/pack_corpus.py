@@ -13,12 +13,12 @@ docs/packing_at_scale.md for resume, shards, merging and Hugging Face datasets.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from cpt_ds.pack.cli import add_input_options, run_tool  # noqa: E402
 from cpt_ds.pack.packing import (  # noqa: E402
     BOS_POLICIES,
     DEFAULT_CHECKPOINT_SECONDS,
@@ -26,10 +26,10 @@ from cpt_ds.pack.packing import (  # noqa: E402
     ENCODER_CHOICES,
     PackError,
     PackOptions,
-    default_workers,
+    PackSummary,
     pack_corpus,
 )
-from cpt_ds.pack.sources import ENCODING_ERRORS, TXT_UNITS, parse_shard  # noqa: E402
+from cpt_ds.pack.sources import parse_shard  # noqa: E402
 from cpt_ds.token_file import TokenFileError  # noqa: E402
 from cpt_ds.tokenizer import TokenizerError  # noqa: E402
 
@@ -38,25 +38,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="pack_corpus.py", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                        help="files, folders (searched recursively) or globs; .txt, .jsonl or .parquet, each "
-                             "optionally .gz or .zst, .arrow files and datasets save_to_disk folders; all files "
-                             "are taken in sorted path order")
+    add_input_options(parser)
     parser.add_argument("--tokenizer", required=True, metavar="TOKENIZER_DIR",
                         help="Hugging Face tokenizer folder (tokenizer.json or sentencepiece tokenizer.model)")
     parser.add_argument("--output", required=True, metavar="PREFIX",
                         help="writes PREFIX.bin, PREFIX.idx and PREFIX.json")
-    parser.add_argument("--workers", type=int, default=default_workers(),
-                        help="tokenizer processes (default: all cores); the output does not depend on it")
-    parser.add_argument("--txt-unit", choices=TXT_UNITS, default="line",
-                        help="what one document is in a .txt file: a line, a blank-line separated paragraph, "
-                             "or the whole file")
-    parser.add_argument("--json-key", default="text", help="text field of .jsonl records / text column of .parquet")
     parser.add_argument("--bos", choices=BOS_POLICIES, default="auto",
                         help="prepend BOS to every document: auto = when the tokenizer has a BOS distinct from "
                              "its EOS (LLaMA-3: yes); EOS is always appended")
-    parser.add_argument("--encoding-errors", choices=ENCODING_ERRORS, default="strict",
-                        help="invalid UTF-8: strict = stop with file and byte offset; replace = U+FFFD")
     parser.add_argument("--encoder", choices=ENCODER_CHOICES, default="auto",
                         help="auto = exact tiktoken encoder when the tokenizer allows it (checked against HF "
                              "tokenizers while packing), else HF tokenizers; hf = always HF tokenizers")
@@ -72,30 +61,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "work); 0 = after every chunk")
     parser.add_argument("--chunk-kb", type=int, default=DEFAULT_CHUNK_BYTES >> 10,
                         help="work unit per worker task in KiB; changes speed and memory, never the output")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    try:
+
+    def pack() -> PackSummary:
         options = PackOptions(txt_unit=args.txt_unit, json_key=args.json_key, bos=args.bos,
                               encoding_errors=args.encoding_errors, encoder=args.encoder)
         shard = parse_shard(args.shard) if args.shard is not None else None
-        summary = pack_corpus(args.input, args.tokenizer, args.output, options, workers=args.workers,
-                              overwrite=args.overwrite, chunk_bytes=args.chunk_kb << 10,
-                              progress=not args.no_progress, resume=not args.no_resume, shard=shard,
-                              checkpoint_seconds=args.checkpoint_seconds)
-    except (PackError, TokenizerError, TokenFileError) as error:
-        print(f"pack_corpus: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("pack_corpus: interrupted; no output was written; run the same command again to resume",
-              file=sys.stderr)
-        return 130
-    print(summary.format())
-    return 0
+        return pack_corpus(args.input, args.tokenizer, args.output, options, workers=args.workers,
+                           overwrite=args.overwrite, chunk_bytes=args.chunk_kb << 10, progress=not args.no_progress,
+                           resume=not args.no_resume, shard=shard, checkpoint_seconds=args.checkpoint_seconds)
+
+    return run_tool("pack_corpus", pack, (PackError, TokenizerError, TokenFileError),
+                    interrupted="no output was written; run the same command again to resume")
 
 
 if __name__ == "__main__":

@@ -121,25 +121,12 @@ def plan_fast_encoder(tokenizer_json: str | dict[str, Any], *,
         json_sha256 = json_sha256 or hashlib.sha256(tokenizer_json.encode("utf-8")).hexdigest()
     else:
         spec = tokenizer_json
-    problems: list[str] = []
     model = spec.get("model") or {}
     if model.get("type") != "BPE":
         return None, f"the model is {model.get('type')}, not BPE"
-    if spec.get("normalizer") is not None:
-        problems.append(f"a {spec['normalizer'].get('type')} normalizer rewrites the text")
-    if model.get("dropout"):
-        problems.append("BPE dropout is on")
-    if model.get("byte_fallback"):
-        problems.append("byte fallback is on")
-    if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
-        problems.append("subword prefixes/suffixes are used")
-    if not model.get("ignore_merges"):
-        problems.append("ignore_merges is off (a piece in the vocabulary is not taken whole)")
-    pat_str, pre_problem = _split_pattern(spec.get("pre_tokenizer"))
-    if pre_problem:
-        problems.append(pre_problem)
-    if problems:
-        return None, "; ".join(problems)
+    pat_str, refusal = _split_and_options(spec, model)
+    if refusal is not None:
+        return None, refusal
 
     vocab: dict[str, int] = model["vocab"]
     alphabet = byte_level_alphabet()
@@ -157,8 +144,36 @@ def plan_fast_encoder(tokenizer_json: str | dict[str, Any], *,
     if refusal is not None:
         return None, refusal
 
+    special_tokens, refusal = _special_tokens(spec.get("added_tokens", []), vocab, mergeable_ranks)
+    if special_tokens is None:
+        return None, refusal
+    return FastEncoderPlan(pat_str, mergeable_ranks, special_tokens), "byte-level BPE with a split regex"
+
+
+def _split_and_options(spec: dict[str, Any], model: dict[str, Any]) -> tuple[str, str | None]:
+    """The split regex, and why the BPE's options or its normalizer and pre-tokenizer rule tiktoken out (or None)."""
+    problems: list[str] = []
+    if spec.get("normalizer") is not None:
+        problems.append(f"a {spec['normalizer'].get('type')} normalizer rewrites the text")
+    if model.get("dropout"):
+        problems.append("BPE dropout is on")
+    if model.get("byte_fallback"):
+        problems.append("byte fallback is on")
+    if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        problems.append("subword prefixes/suffixes are used")
+    if not model.get("ignore_merges"):
+        problems.append("ignore_merges is off (a piece in the vocabulary is not taken whole)")
+    pat_str, pre_problem = _split_pattern(spec.get("pre_tokenizer"))
+    if pre_problem:
+        problems.append(pre_problem)
+    return pat_str, "; ".join(problems) if problems else None
+
+
+def _special_tokens(added_tokens: list[dict[str, Any]], vocab: dict[str, int],
+                    mergeable_ranks: dict[bytes, int]) -> tuple[dict[str, int] | None, str]:
+    """tiktoken's special tokens (the added tokens outside the vocabulary), or None and why they do not fit."""
     special_tokens: dict[str, int] = {}
-    for added in spec.get("added_tokens", []):
+    for added in added_tokens:
         if not added.get("special"):
             return None, f"added token {added['content']!r} is not special, so tokenizers cuts it out of text"
         if added["content"] in vocab:
@@ -168,7 +183,7 @@ def plan_fast_encoder(tokenizer_json: str | dict[str, Any], *,
         special_tokens[added["content"]] = added["id"]
     if set(special_tokens.values()) & set(mergeable_ranks.values()):
         return None, "an added token shares its id with a vocabulary token"
-    return FastEncoderPlan(pat_str, mergeable_ranks, special_tokens), "byte-level BPE with a split regex"
+    return special_tokens, ""
 
 
 def _byte_level_ranks(vocab: dict[str, int]) -> dict[bytes, int] | None:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from cpt_ds import __version__
-from cpt_ds.pack.writer import INDEX_BLOCK, publish, write_index_blocks
+from cpt_ds.pack.writer import INDEX_BLOCK, publish, write_index_blocks, write_sidecar
 from cpt_ds.token_file import IndexedTokenFile, TokenFileError, paths_for, resolve_token_prefixes
 
 _COPY_BLOCK = 16 << 20
@@ -88,16 +88,10 @@ def merge_token_files(output: str | os.PathLike, parts: Sequence[str], *, overwr
                            lambda: _document_index_blocks(files), num_document_indices)
         moves = [(tmp_bin, bin_path)]
         if sidecar is not None:
-            sidecar.update(
-                dtype=dtype.name, num_documents=sum(f.num_documents for f in files),
-                num_tokens=sum(f.num_tokens for f in files),
-                max_token_id=max((f.meta or {}).get("max_token_id", -1) for f in files),
-                bin_sha256=digest, bin_bytes=sum(f.num_tokens for f in files) * dtype.itemsize)
-            with open(tmp_json, "w", encoding="utf-8") as handle:
-                json.dump(sidecar, handle, indent=2, sort_keys=True, ensure_ascii=False)
-                handle.write("\n")
-                handle.flush()
-                os.fsync(handle.fileno())
+            sidecar = write_sidecar(tmp_json, sidecar, dtype=dtype, num_documents=sum(f.num_documents for f in files),
+                                    num_tokens=sum(f.num_tokens for f in files),
+                                    max_token_id=max((f.meta or {}).get("max_token_id", -1) for f in files),
+                                    bin_sha256=digest)
             moves.append((tmp_json, json_path))
         elif json_path.exists():
             json_path.unlink()  # an old sidecar would describe other tokens

@@ -27,35 +27,34 @@ unmarked), BOS by the ``bos`` policy. Special-token strings inside a text are en
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import pickle
-import signal
-import sys
-import tempfile
-import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from cpt_ds import __version__
-from cpt_ds.token_file import paths_for, shard_prefix, token_dtype_for_vocab
+from cpt_ds.fileio import sha256_file
+from cpt_ds.pack.chunks import RawChunk, chunk_end, iter_raw_chunks
+from cpt_ds.pack.encoders import EncoderSpec, select_encoder
 from cpt_ds.pack.partial import PartialPack, Position, fault, pending_publish
 from cpt_ds.pack.sources import (
-    ENCODING_ERRORS, TXT_UNITS, EncodingErrors, InputFile, PackError, RawChunk, TxtUnit, chunk_documents, chunk_end,
-    describe_location, discover_inputs, iter_raw_chunks, select_shard,
+    ENCODING_ERRORS,
+    TXT_UNITS,
+    EncodingErrors,
+    InputFile,
+    PackError,
+    TxtUnit,
+    discover_inputs,
+    select_shard,
 )
-from cpt_ds.pack.encoders import EncoderSpec, HFEncoder, TokenEncoder, check_identity, select_encoder
+from cpt_ds.pack.workers import EncodedChunk, WorkerConfig, Workers, default_workers
+from cpt_ds.token_file import paths_for, shard_prefix, token_dtype_for_vocab
 from cpt_ds.tokenizer import read_tokenizer, tokenizer_files
-from cpt_ds.fileio import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +67,6 @@ DEFAULT_CHUNK_BYTES = 2 << 20
 # How often the resumable state is committed (fsync + a small JSON): a crash redoes at most this much work.
 DEFAULT_CHECKPOINT_SECONDS = 10.0
 MIN_CHUNK_BYTES = 1 << 10
-# Share of each chunk's text (at least one document) on which the fast encoder's ids are checked
-# against HF tokenizers while packing; HF being ~3x slower, this costs ~3% of the encoding time.
-IDENTITY_SAMPLE_FRACTION = 0.01
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -144,148 +140,6 @@ class PackSummary:
         return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------------------------------
-# Worker side
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _WorkerConfig:
-    encoder: EncoderSpec
-    options: PackOptions
-    bos_id: int | None  # None: no BOS
-    eos_id: int
-    dtype: str
-
-
-@dataclass
-class _EncodedChunk:
-    file_index: int
-    tokens: np.ndarray
-    lengths: np.ndarray
-    num_empty: int
-    num_raw_bytes: int
-    num_checked_documents: int
-    num_checked_tokens: int
-
-
-@dataclass
-class _WorkerState:
-    config_path: str | None  # where a pool worker finds the run's _WorkerConfig; None in the main process
-    config: _WorkerConfig | None = None
-    encoder: TokenEncoder | None = None
-    reference: HFEncoder | None = None
-    early_hf: tuple[str, HFEncoder] | None = None  # (sha256 of its JSON, HF encoder) built by _start_worker
-
-
-_state: _WorkerState | None = None
-
-
-def worker_start_method() -> str:
-    """``fork`` on Linux from a single-threaded caller, else ``spawn``; the output is the same either way.
-
-    A forked worker starts in milliseconds with the main process's imports; a spawned one pays a
-    fresh interpreter and imports (~0.15 s of CPU each, 12% of a 14 M-token pack on two cores). The
-    pack forks before it touches a tokenizer, but a caller's own threads (a notebook kernel, a web
-    server embedding ``pack_corpus``) could hold a lock the child would then wait on forever, so
-    such callers get spawn. macOS and Windows always spawn (fork is unsafe or missing there).
-    """
-    return "fork" if sys.platform.startswith("linux") and threading.active_count() == 1 else "spawn"
-
-
-def _init_worker(config_path: str, parent_pid: int | None = None) -> None:
-    global _state
-    if parent_pid is not None:
-        _die_with_parent(parent_pid)
-    # One process per core already; tokenizers' own thread pool would only oversubscribe.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _state = _WorkerState(config_path)
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Make this worker end when the packer dies (Linux): a SIGKILLed or OOM-killed packer would
-    otherwise leave its workers blocked on the task queue forever, holding memory next to the run
-    that resumes the pack."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() != parent_pid:  # the packer died before the call above
-        os._exit(1)
-
-
-def _start_worker(tokenizer_json: str | None) -> None:
-    """Each worker's first task: submitting it starts the process (the pool starts processes when the
-    first task arrives). While the main process reads the tokenizer, it builds the HF encoder from the
-    file ``tokenizer_json`` (the slow part of a worker's set-up), which the worker uses if the
-    config's tokenizer JSON turns out to be that file. Nothing here is needed: an error (a bad
-    tokenizer.json, which the main process reports itself) only leaves the work to the first chunk.
-    """
-    import tiktoken  # noqa: F401  (imported here, while idle, so the first chunk does not wait for it)
-
-    assert _state is not None, "worker not initialised"
-    if tokenizer_json is None or _state.early_hf is not None:
-        return
-    data = Path(tokenizer_json).read_bytes()
-    _state.early_hf = (hashlib.sha256(data).hexdigest(), HFEncoder(data.decode("utf-8")))
-
-
-def _encode_chunk(chunk: RawChunk) -> _EncodedChunk:
-    assert _state is not None, "worker not initialised"
-    if _state.config is None:
-        # The main process writes the config before it submits the first chunk.
-        assert _state.config_path is not None
-        _state.config = pickle.loads(Path(_state.config_path).read_bytes())
-    config = _state.config
-    if _state.encoder is None:
-        # Built once per process, here rather than in the pool initializer, whose errors (a failed
-        # identity probe) would only break the pool instead of reaching the caller.
-        early = _state.early_hf
-        _state.early_hf = None
-        tokenizer_json = config.encoder.tokenizer_json
-        same_json = early is not None and early[0] == hashlib.sha256(tokenizer_json.encode("utf-8")).hexdigest()
-        _state.encoder, _state.reference = config.encoder.build(early[1] if same_json else None)
-    documents = chunk_documents(chunk, json_key=config.options.json_key,
-                                encoding_errors=config.options.encoding_errors)
-    texts = documents.texts
-    ids = _state.encoder.encode_batch(texts)
-    num_checked_documents = num_checked_tokens = 0
-    if _state.reference is not None and texts:
-        budget = IDENTITY_SAMPLE_FRACTION * sum(len(text) for text in texts)
-        num_chars = 0
-        while num_checked_documents < len(texts) and (num_checked_documents == 0 or num_chars < budget):
-            num_chars += len(texts[num_checked_documents])
-            num_checked_documents += 1
-        sample = slice(0, num_checked_documents)
-        labels = [describe_location(chunk, location) for location in documents.locations[sample]]
-        num_checked_tokens = check_identity(texts[sample], ids[sample], _state.reference, labels)
-
-    dtype = np.dtype(config.dtype)
-    eos = np.array([config.eos_id], dtype=dtype)
-    if config.bos_id is None:
-        pieces = [piece for array in ids for piece in (array, eos)]
-    else:
-        bos = np.array([config.bos_id], dtype=dtype)
-        pieces = [piece for array in ids for piece in (bos, array, eos)]
-    tokens = np.concatenate(pieces).astype(dtype, copy=False) if pieces else np.zeros(0, dtype=dtype)
-    num_extra = 1 if config.bos_id is None else 2
-    lengths = np.fromiter((array.size + num_extra for array in ids), dtype=np.int64, count=len(ids))
-    return _EncodedChunk(chunk.file_index, tokens, lengths, documents.num_empty, chunk.num_raw_bytes,
-                         num_checked_documents, num_checked_tokens)
-
-
-# --------------------------------------------------------------------------------------------------
-# Main process
-# --------------------------------------------------------------------------------------------------
-
-
-def default_workers() -> int:
-    """All cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 @dataclass(frozen=True)
 class _Tokenization:
     """The tokenizer facts the pack needs, resolved once in the main process."""
@@ -342,7 +196,7 @@ class _Totals:
     def file_rows(self) -> list[list[int]]:
         return [[f.num_documents, f.num_tokens, f.num_empty_skipped] for f in self.files]
 
-    def add(self, encoded: _EncodedChunk) -> None:
+    def add(self, encoded: EncodedChunk) -> None:
         num_documents, num_tokens = int(encoded.lengths.size), int(encoded.tokens.size)
         stats = self.files[encoded.file_index]
         stats.num_documents += num_documents
@@ -383,34 +237,18 @@ def pack_corpus(
     start = time.perf_counter()
     options = options or PackOptions()
     workers = default_workers() if workers is None else workers
-    problems = []
-    if workers < 1:
-        problems.append(f"workers must be at least 1, got {workers}")
-    if chunk_bytes < MIN_CHUNK_BYTES:
-        problems.append(f"chunk size must be at least {MIN_CHUNK_BYTES} bytes, got {chunk_bytes}")
-    if checkpoint_seconds < 0:
-        problems.append(f"checkpoint interval must be at least 0 seconds, got {checkpoint_seconds}")
-    if problems:
-        raise PackError("invalid pack settings: " + "; ".join(problems))
-    sources = discover_inputs(inputs)
-    if shard is not None:
-        sources = select_shard(sources, *shard)
-        output = shard_prefix(output, *shard)
-    existing = [str(p) for p in paths_for(output) if p.exists()]
-    # A .bin/.json without .idx beside a publishing state: this pack's own, half renamed when it was killed.
-    if existing and not overwrite and not pending_publish(output):
-        raise PackError(f"output already exists ({', '.join(existing)}); choose another --output or pass --overwrite")
+    _check_settings(workers, chunk_bytes, checkpoint_seconds)
+    sources, output = _inputs_and_output(inputs, output, shard, overwrite)
     tokenizer_files(tokenizer)  # a missing tokenizer folder is reported before any worker starts
-    with _Workers(workers, tokenizer) as pool:
+    with Workers(workers, tokenizer) as pool:
         tokenization = _prepare_tokenization(tokenizer, options)
-        num_input_bytes = sum(source.num_bytes for source in sources)
         logger.info("%d input files, %.1f MB; tokenizer %s (%d ids, BOS %s, EOS %d); %s tokens; %d workers",
-                    len(sources), num_input_bytes / 1e6, tokenizer, tokenization.vocab_size,
-                    tokenization.bos_id if tokenization.add_bos else "not added", tokenization.eos_id,
-                    tokenization.dtype.name, workers)
-        pool.configure(_WorkerConfig(tokenization.encoder, options,
-                                     tokenization.bos_id if tokenization.add_bos else None, tokenization.eos_id,
-                                     tokenization.dtype.name))
+                    len(sources), sum(source.num_bytes for source in sources) / 1e6, tokenizer,
+                    tokenization.vocab_size, tokenization.bos_id if tokenization.add_bos else "not added",
+                    tokenization.eos_id, tokenization.dtype.name, workers)
+        pool.configure(WorkerConfig(tokenization.encoder, options,
+                                    tokenization.bos_id if tokenization.add_bos else None, tokenization.eos_id,
+                                    tokenization.dtype.name))
         input_hashes = [sha256_file(source.path) for source in sources]
         identities = [{"path": source.path.as_posix(), "bytes": source.num_bytes, "sha256": digest}
                       for source, digest in zip(sources, input_hashes, strict=True)]
@@ -424,26 +262,59 @@ def pack_corpus(
                             sidecar=lambda totals: _sidecar(sources, input_hashes, totals, tokenization, options,
                                                             shard))
     now = time.perf_counter()
-    summary = PackSummary(
+    summary = _summary(output, sources, totals, tokenization, seconds=now - start,
+                       encode_seconds=now - encode_start, num_resumed=num_resumed)
+    logger.info("packed %d documents, %d tokens in %.2f s; encoded in %.2f s (%.2f M tokens/s) after %.2f s of set-up",
+                summary.num_documents, summary.num_tokens, summary.seconds, summary.encode_seconds,
+                summary.num_tokens / max(summary.encode_seconds, 1e-9) / 1e6, summary.seconds - summary.encode_seconds)
+    return summary
+
+
+def _check_settings(workers: int, chunk_bytes: int, checkpoint_seconds: float) -> None:
+    """One ``PackError`` naming every setting out of range."""
+    problems = []
+    if workers < 1:
+        problems.append(f"workers must be at least 1, got {workers}")
+    if chunk_bytes < MIN_CHUNK_BYTES:
+        problems.append(f"chunk size must be at least {MIN_CHUNK_BYTES} bytes, got {chunk_bytes}")
+    if checkpoint_seconds < 0:
+        problems.append(f"checkpoint interval must be at least 0 seconds, got {checkpoint_seconds}")
+    if problems:
+        raise PackError("invalid pack settings: " + "; ".join(problems))
+
+
+def _inputs_and_output(inputs: Sequence[str | os.PathLike], output: str | os.PathLike,
+                       shard: tuple[int, int] | None, overwrite: bool) -> tuple[list[InputFile], str | os.PathLike]:
+    """The input files to pack (one shard's, with ``shard``) and the output prefix, checked to be free."""
+    sources = discover_inputs(inputs)
+    if shard is not None:
+        sources = select_shard(sources, *shard)
+        output = shard_prefix(output, *shard)
+    existing = [str(p) for p in paths_for(output) if p.exists()]
+    # A .bin/.json without .idx beside a publishing state: this pack's own, half renamed when it was killed.
+    if existing and not overwrite and not pending_publish(output):
+        raise PackError(f"output already exists ({', '.join(existing)}); choose another --output or pass --overwrite")
+    return sources, output
+
+
+def _summary(output: str | os.PathLike, sources: list[InputFile], totals: _Totals, tokenization: _Tokenization, *,
+             seconds: float, encode_seconds: float, num_resumed: int) -> PackSummary:
+    return PackSummary(
         output_prefix=str(paths_for(output)[0])[: -len(".bin")],
         num_documents=totals.num_documents,
         num_tokens=totals.num_tokens,
         num_empty_skipped=totals.num_empty,
         num_input_files=len(sources),
-        num_input_bytes=num_input_bytes,
+        num_input_bytes=sum(source.num_bytes for source in sources),
         num_bytes_written=sum(p.stat().st_size for p in paths_for(output)),
-        seconds=now - start,
-        encode_seconds=now - encode_start,
+        seconds=seconds,
+        encode_seconds=encode_seconds,
         encoder=tokenization.encoder.name,
         dtype=tokenization.dtype.name,
         num_identity_checked_documents=totals.num_checked_documents,
         num_identity_checked_tokens=totals.num_checked_tokens,
         num_resumed_documents=num_resumed,
     )
-    logger.info("packed %d documents, %d tokens in %.2f s; encoded in %.2f s (%.2f M tokens/s) after %.2f s of set-up",
-                summary.num_documents, summary.num_tokens, summary.seconds, summary.encode_seconds,
-                summary.num_tokens / max(summary.encode_seconds, 1e-9) / 1e6, summary.seconds - summary.encode_seconds)
-    return summary
 
 
 def _resume_key(tokenization: _Tokenization, options: PackOptions) -> dict[str, Any]:
@@ -454,7 +325,7 @@ def _resume_key(tokenization: _Tokenization, options: PackOptions) -> dict[str, 
             "options": asdict(options)}
 
 
-def _write(sources: list[InputFile], options: PackOptions, partial: PartialPack, pool: _Workers, *,
+def _write(sources: list[InputFile], options: PackOptions, partial: PartialPack, pool: Workers, *,
            chunk_bytes: int, progress: bool, checkpoint_seconds: float,
            sidecar: Callable[[_Totals], dict[str, Any]]) -> _Totals:
     """Encode every chunk after the partial pack's last commit, write it in input order, commit now
@@ -502,66 +373,6 @@ def _write(sources: list[InputFile], options: PackOptions, partial: PartialPack,
         bar.advance(num_input_bytes - bar.num_bytes, totals)  # inputs without documents report no chunk
         partial.finalize(sidecar(totals), position, totals.file_rows())
     return totals
-
-
-class _Workers:
-    """The encoding processes of one pack (``workers == 1``: the main process itself).
-
-    Created before the tokenizer is known, so that the processes start and load HF ``tokenizers``
-    (~0.3 s each) while the main process reads the tokenizer; ``configure`` then hands them the
-    config, and each builds its encoders from it with its first chunk.
-    """
-
-    def __init__(self, workers: int, tokenizer: str | os.PathLike | None = None):
-        """``tokenizer``: the tokenizer folder, whose tokenizer.json (if any) the workers load early."""
-        self.num_workers = workers
-        self._executor: ProcessPoolExecutor | None = None
-        self._config_dir: tempfile.TemporaryDirectory[str] | None = None
-        if workers == 1:
-            return
-        self._config_dir = tempfile.TemporaryDirectory(prefix="cpt_ds_pack_")
-        self._config_path = Path(self._config_dir.name) / "worker_config.pickle"
-        self._executor = ProcessPoolExecutor(workers, mp_context=get_context(worker_start_method()),
-                                             initializer=_init_worker,
-                                             initargs=(str(self._config_path), os.getpid()))
-        tokenizer_json = Path(tokenizer) / "tokenizer.json" if tokenizer is not None else None
-        early = str(tokenizer_json) if tokenizer_json is not None and tokenizer_json.is_file() else None
-        for _ in range(workers):
-            self._executor.submit(_start_worker, early)
-
-    def __enter__(self) -> _Workers:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._executor is not None:
-            # On an error or interrupt drop queued chunks instead of tokenizing the rest of the backlog.
-            self._executor.shutdown(wait=True, cancel_futures=True)
-        if self._config_dir is not None:
-            self._config_dir.cleanup()
-
-    def configure(self, config: _WorkerConfig) -> None:
-        """Give the workers the run's config (encoder, options, BOS/EOS); before the first chunk."""
-        global _state
-        if self._executor is None:
-            _state = _WorkerState(None, config)
-            return
-        # The encoder spec holds tokenizer.json and tiktoken's ranks (~11 MB for LLaMA-3): written once,
-        # read by each worker, instead of pickled into every chunk's task.
-        self._config_path.write_bytes(pickle.dumps(config, protocol=pickle.HIGHEST_PROTOCOL))
-
-    def encode_in_order(self, chunks: Iterable[RawChunk]) -> Iterator[_EncodedChunk]:
-        """Encode ``chunks``, yielding results in input order with a bounded backlog."""
-        if self._executor is None:
-            yield from map(_encode_chunk, chunks)
-            return
-        max_in_flight = 2 * self.num_workers + 2
-        pending: deque[Future[_EncodedChunk]] = deque()
-        for chunk in chunks:
-            pending.append(self._executor.submit(_encode_chunk, chunk))
-            if len(pending) >= max_in_flight:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
 
 
 def _sidecar(sources: list[InputFile], input_hashes: list[str], totals: _Totals, tokenization: _Tokenization,

@@ -38,16 +38,17 @@ import logging
 import os
 import shutil
 import signal
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cpt_ds.pack.writer import INDEX_BLOCK, publish, write_index_blocks
-from cpt_ds.token_file import PARTIAL_SUFFIX, SIDECAR_FORMAT, SIDECAR_FORMAT_VERSION, paths_for
-from cpt_ds.pack.sources import PackError
 from cpt_ds.fileio import atomic_write_text
+from cpt_ds.pack.sources import PackError
+from cpt_ds.pack.writer import INDEX_BLOCK, publish, write_index_blocks, write_sidecar
+from cpt_ds.token_file import PARTIAL_SUFFIX, paths_for
 
 logger = logging.getLogger(__name__)
 
@@ -314,26 +315,11 @@ class PartialPack:
             self._tokens.close()
             self._lengths.close()
             num_documents = self._num_documents
-            lengths_path = self.dir / "lengths.i32"
-
-            def blocks():
-                for start in range(0, num_documents, INDEX_BLOCK):
-                    yield np.fromfile(lengths_path, dtype=np.int32, count=min(INDEX_BLOCK, num_documents - start),
-                                      offset=4 * start)
-
-            write_index_blocks(idx_tmp, num_documents, blocks, self.dtype)
-            sidecar = dict(meta)
-            sidecar.update(
-                format=SIDECAR_FORMAT, format_version=SIDECAR_FORMAT_VERSION, dtype=self.dtype.name,
-                num_documents=num_documents, num_tokens=self._num_tokens, max_token_id=self._max_token_id,
-                bin_sha256=self._digest.hexdigest(), bin_bytes=self._num_tokens * self.dtype.itemsize,
-            )
-            # The same bytes IndexedTokenWriter writes, so a resumed pack equals an uninterrupted one.
-            with open(json_tmp, "w", encoding="utf-8") as handle:
-                json.dump(sidecar, handle, indent=2, sort_keys=True, ensure_ascii=False)
-                handle.write("\n")
-                handle.flush()
-                os.fsync(handle.fileno())
+            write_index_blocks(idx_tmp, num_documents, lambda: _length_blocks(self.dir / "lengths.i32", num_documents),
+                               self.dtype)
+            sidecar = write_sidecar(json_tmp, meta, dtype=self.dtype, num_documents=num_documents,
+                                    num_tokens=self._num_tokens, max_token_id=self._max_token_id,
+                                    bin_sha256=self._digest.hexdigest())
             state = json.loads((self.dir / "state.json").read_text(encoding="utf-8"))
             atomic_write_text(self.dir / "state.json", json.dumps(dict(state, phase="publishing"), sort_keys=True)
                               + "\n")
@@ -373,6 +359,12 @@ class PartialPack:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing releases the flock
             self._lock_fd = None
+
+
+def _length_blocks(path: Path, num_documents: int) -> Iterator[np.ndarray]:
+    """The int32 document lengths in ``path`` in blocks of ``INDEX_BLOCK``, so memory stays flat."""
+    for start in range(0, num_documents, INDEX_BLOCK):
+        yield np.fromfile(path, dtype=np.int32, count=min(INDEX_BLOCK, num_documents - start), offset=4 * start)
 
 
 def _committed(state: dict[str, Any]) -> Committed:

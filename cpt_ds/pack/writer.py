@@ -107,22 +107,9 @@ class IndexedTokenWriter:
         self._bin.close()
         lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, dtype=np.int32)
         write_index(self._tmp_idx, lengths, self.dtype)
-        sidecar = dict(meta or {})
-        sidecar.update(
-            format=SIDECAR_FORMAT,
-            format_version=SIDECAR_FORMAT_VERSION,
-            dtype=self.dtype.name,
-            num_documents=self.num_documents,
-            num_tokens=self.num_tokens,
-            max_token_id=self.max_token_id,
-            bin_sha256=self._bin_digest.hexdigest(),
-            bin_bytes=self.num_tokens * self.dtype.itemsize,
-        )
-        with open(self._tmp_json, "w", encoding="utf-8") as handle:
-            json.dump(sidecar, handle, indent=2, sort_keys=True, ensure_ascii=False)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        sidecar = write_sidecar(self._tmp_json, meta or {}, dtype=self.dtype, num_documents=self.num_documents,
+                                num_tokens=self.num_tokens, max_token_id=self.max_token_id,
+                                bin_sha256=self._bin_digest.hexdigest())
         publish([(self._tmp_bin, self.bin_path), (self._tmp_json, self.json_path), (self._tmp_idx, self.idx_path)],
                 self.idx_path)
         self._finalized = True
@@ -135,6 +122,33 @@ class IndexedTokenWriter:
         for path in (self._tmp_bin, self._tmp_idx, self._tmp_json):
             path.unlink(missing_ok=True)
         self._finalized = True
+
+
+def write_sidecar(path: Path, meta: dict[str, Any], *, dtype: np.dtype, num_documents: int, num_tokens: int,
+                  max_token_id: int, bin_sha256: str) -> dict[str, Any]:
+    """Write (and fsync) a token file's JSON sidecar: ``meta`` plus the format, dtype, counts and checksum.
+
+    ``meta`` holds the caller's fields (tokenizer, inputs, options, provenance). Keys are sorted and
+    nothing depends on the time or the machine, so the same tokens and ``meta`` give the same bytes:
+    a resumed pack equals an uninterrupted one, and merged shards equal one pack. Returns the sidecar.
+    """
+    sidecar = dict(meta)
+    sidecar.update(
+        format=SIDECAR_FORMAT,
+        format_version=SIDECAR_FORMAT_VERSION,
+        dtype=dtype.name,
+        num_documents=num_documents,
+        num_tokens=num_tokens,
+        max_token_id=max_token_id,
+        bin_sha256=bin_sha256,
+        bin_bytes=num_tokens * dtype.itemsize,
+    )
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(sidecar, handle, indent=2, sort_keys=True, ensure_ascii=False)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    return sidecar
 
 
 def remove_stale_temporaries(prefix: str | os.PathLike) -> list[Path]:
