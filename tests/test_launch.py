@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from conftest import REPO, Background, eval_records, free_port, launch_env, metrics, run_config, write_config
+from helpers_data import load_tool
 
 
 def test_simulated_two_node_job_on_loopback(assets, tmp_path):
@@ -28,7 +29,7 @@ def test_simulated_two_node_job_on_loopback(assets, tmp_path):
 def test_quickstart_shows_continued_pretraining(tmp_path):
     """The README's main job: corpora -> tokenizer -> pack -> English base model -> CPT on a zh/en replay
     blend, 2 ranks, fp32 on CPU; Chinese falls, English holds, per-set table and plot (fewer steps here)."""
-    done = subprocess.run([sys.executable, "-m", "cpt_ds.quickstart", "--workdir", str(tmp_path / "qs"),
+    done = subprocess.run([sys.executable, "tools/quickstart.py", "--workdir", str(tmp_path / "qs"),
                            "--pretrain_steps", "60", "--cpt_steps", "45", "--master_port", str(free_port())],
                           cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=900)
@@ -45,4 +46,17 @@ def test_quickstart_shows_continued_pretraining(tmp_path):
     trained = [r for r in metrics(tmp_path / "qs" / "cpt") if "loss" in r]
     assert set(trained[-1]["corpora"]) == {"zh", "en"}
     assert (tmp_path / "qs" / "cpt" / "final" / "model.safetensors").is_file()
-    assert (tmp_path / "qs" / "cpt" / "metrics.png").stat().st_size > 10_000
+    # The plots draw curves: a training point every few steps and at least five evaluations per run.
+    for run, steps in (("base", 60), ("cpt", 45)):
+        trained = [r["step"] for r in metrics(tmp_path / "qs" / run) if "loss" in r]
+        assert len(trained) >= steps // 5 and max(b - a for a, b in zip(trained, trained[1:])) <= 5, trained
+        assert len(eval_records(tmp_path / "qs" / run)) >= 5
+        assert (tmp_path / "qs" / run / "metrics.png").stat().st_size > 10_000
+        assert load_tool("plot_run").run_title(tmp_path / "qs" / run) == run
+    assert (tmp_path / "qs" / ".cpt_ds_quickstart").is_file()
+
+
+def test_a_plot_is_titled_by_the_run_folder_name(tmp_path):
+    plot_run = load_tool("plot_run")
+    assert plot_run.run_title(tmp_path / "runs" / "cpt") == "cpt"
+    assert plot_run.run_title(tmp_path / "runs" / "cpt" / ".." / "base") == "base"
