@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 # benchmarks/ is sys.path[0] when the launcher runs this file, so the probe is shared with the baseline.
-from train_speed import EvalMemoryProbe
+from harness import EvalMemoryProbe
 
 from cpt_ds.distributed import exit_process
 

@@ -32,15 +32,12 @@ Everything is written to a temporary folder (``--workdir`` keeps it).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import math
 import os
 import re
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,9 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cpt_ds.distributed import free_port, remove_shm_buffers
+from harness import REPO, BenchmarkError, check_probe_supported, launch, print_side_by_side, print_targets, ratio_text
 
-REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = Path(__file__).resolve().parent
 BASELINE_SCRIPT = BENCHMARKS / "_baseline_hf_trainer.py"
 OURS_EVAL_SCRIPT = BENCHMARKS / "_cpt_ds_eval.py"
@@ -71,64 +67,6 @@ BENCH_MODEL = {
 # The eval growth of cpt-ds counts as "flat" when the 10N eval's peak is within this of the N eval's.
 FLAT_TOLERANCE = 0.10
 SPEED_TARGET = 1.1
-
-
-class BenchmarkError(RuntimeError):
-    """A launch or a measurement failed; the message says which and where its log is."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Peak-memory probe (imported by the two rank scripts)
-# --------------------------------------------------------------------------------------------------
-
-
-def _status_kib(field: str) -> int:
-    """A ``kB`` field of /proc/self/status (VmRSS: resident now, VmHWM: peak since the last reset)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise BenchmarkError(f"/proc/self/status has no {field} line; the eval-memory probe needs Linux")
-
-
-def _release_free_heap() -> None:
-    """Give glibc's free heap pages back to the kernel, so that eval allocations which would otherwise
-    reuse memory freed by training show up as resident-set growth (no-op on a libc without it)."""
-    libc = ctypes.CDLL(None)  # the symbols already loaded into this process, libc's among them
-    trim = getattr(libc, "malloc_trim", None)
-    if trim is not None:
-        trim(0)
-
-
-class EvalMemoryProbe:
-    """Peak resident-set growth of this process over a ``with`` block, as the kernel counts it.
-
-    Unlike sampling, the kernel's high-water mark cannot miss a short peak; unlike tracemalloc, it sees
-    torch's allocations. Resetting it needs Linux >= 4.0 (``echo 5 > /proc/self/clear_refs``).
-    """
-
-    def __enter__(self) -> EvalMemoryProbe:
-        _release_free_heap()
-        Path("/proc/self/clear_refs").write_text("5")
-        self.before_kib = _status_kib("VmRSS")
-        self.started = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.seconds = time.perf_counter() - self.started
-        self.peak_kib = _status_kib("VmHWM")
-
-    def as_dict(self) -> dict[str, float]:
-        return {"rss_before_kib": self.before_kib, "peak_rss_kib": self.peak_kib,
-                "growth_kib": self.peak_kib - self.before_kib, "eval_seconds": self.seconds}
-
-
-def check_probe_supported() -> None:
-    """Fail in a second, not after the training launches, where the peak cannot be reset."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError as error:
-        raise BenchmarkError(f"the eval-memory probe resets the peak RSS through /proc/self/clear_refs "
-                             f"(Linux >= 4.0), which failed here: {error}") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,10 +139,10 @@ def build_assets(root: Path, settings: Settings) -> Assets:
     """Text shipped with Python -> a 2,048-token LLaMA-3-style tokenizer -> one token file holding at
     least the 10N eval windows (the corpus is repeated when it is too short)."""
     from cpt_ds.pack.tiny_tokenizer import train_tokenizer
-    from cpt_ds.quickstart import TINY_LLAMA3, python_corpus_documents
     from cpt_ds.token_file import IndexedTokenFile
+    from cpt_ds.toy import TINY_LLAMA3, python_corpus_texts
 
-    texts = [text for documents in python_corpus_documents().values() for text in documents]
+    texts = python_corpus_texts()
     tokenizer = train_tokenizer(texts, root / "tokenizer", vocab_size=VOCAB_SIZE)
     needed = 10 * settings.eval_samples
     prefix = pack_token_file(root, texts, tokenizer, copies=1)
@@ -260,57 +198,6 @@ def baseline_spec(assets: Assets, settings: Settings) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Launching 2 CPU ranks
-# --------------------------------------------------------------------------------------------------
-
-
-def launch(label: str, script: Path, args: list[str], work: Path, *, exact_rss: bool = False,
-           timeout: float = 900) -> float:
-    """Run ``script`` on 2 ranks through the deepspeed launcher; returns the launch's wall seconds.
-
-    ``exact_rss`` (eval-memory launches only, both sides alike) fixes glibc's mmap threshold at 64 KiB.
-    By default glibc raises that threshold after the first large free, so blocks freed by training stay
-    in the heap and later allocations land in whichever of them fits: the resident set then grows with
-    every batch that touches another old block (measured here: +1 KB per eval token on *both* sides, with
-    constant live memory). With a fixed threshold every tensor-sized block is mmap'd and unmapped on
-    free, so the resident set follows live memory. The speed launches keep glibc's defaults.
-    """
-    port = free_port()
-    hostfile = work / "hostfile"
-    hostfile.write_text(f"localhost slots={NUM_RANKS}\n")
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
-               "--node_rank", "0", "--master_addr", "127.0.0.1", "--master_port", str(port), str(script), *args]
-    env = dict(os.environ, DS_ACCELERATOR="cpu",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    # One thread per rank: 2 ranks on 2 cores, the same for both sides.
-    env.setdefault("OMP_NUM_THREADS", "1")
-    if exact_rss:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
-    log = work / f"{label}.log"
-    print(f"  {label} ...", end="", flush=True)
-    started = time.perf_counter()
-    with open(log, "w") as handle:
-        # Its own session, so that a timeout or Ctrl-C ends the launcher and both ranks together.
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-        try:
-            returncode = process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise BenchmarkError(f"{label} did not finish in {timeout:.0f} s; see {log}") from None
-        finally:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-            remove_shm_buffers(port)
-    seconds = time.perf_counter() - started
-    print(f" {seconds:.0f} s", flush=True)
-    if returncode != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
-        raise BenchmarkError(f"{label} failed with exit {returncode}; last lines of {log}:\n{tail}")
-    return seconds
-
-
-# --------------------------------------------------------------------------------------------------
 # The measurements
 # --------------------------------------------------------------------------------------------------
 
@@ -359,7 +246,7 @@ def run_ours_speed(assets: Assets, settings: Settings, work: Path, index: int) -
     output_dir = work / f"ours_train_{index}"
     config = work / f"ours_train_{index}.json"
     config.write_text(json.dumps(ours_run_config(assets, settings, output_dir, eval_samples=None), indent=2))
-    wall = launch(f"ours_train_{index}", REPO / "train.py", ["--config", str(config)], work)
+    wall = launch(f"ours_train_{index}", REPO / "train.py", ["--config", str(config)], work).seconds
     check_setup("cpt-ds", ours_setup(work / f"ours_train_{index}.log"), settings, work / f"ours_train_{index}.log")
     step_seconds, first = ours_step_seconds(output_dir / "metrics.jsonl", settings)
     shutil.rmtree(output_dir / f"step-{settings.max_steps:08d}", ignore_errors=True)  # the final checkpoint
@@ -372,7 +259,7 @@ def run_baseline_speed(assets: Assets, settings: Settings, work: Path, index: in
     result = work / f"baseline_train_{index}.rank0.json"
     wall = launch(f"baseline_train_{index}", BASELINE_SCRIPT,
                   ["--spec", str(spec), "--mode", "train", "--output_dir", str(work / f"baseline_train_{index}"),
-                   "--result", str(work / f"baseline_train_{index}.rank{{rank}}.json")], work)
+                   "--result", str(work / f"baseline_train_{index}.rank{{rank}}.json")], work).seconds
     numbers = json.loads(result.read_text())
     check_setup("the baseline", numbers, settings, work / f"baseline_train_{index}.log")
     window = range(settings.window_start + 1, settings.max_steps + 1)
@@ -422,10 +309,6 @@ def run_baseline_eval(assets: Assets, settings: Settings, work: Path, eval_sampl
 # --------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------
-
-
-def ratio_text(ours: float, baseline: float) -> str:
-    return f"{ours / baseline:.2f}x" if baseline > 0 else "-"
 
 
 def report(settings: Settings, assets: Assets, ours_speed: list[SpeedRun], baseline_speed: list[SpeedRun],
@@ -481,10 +364,7 @@ def report(settings: Settings, assets: Assets, ours_speed: list[SpeedRun], basel
     print(f"\nZeRO-{settings.zero_stage} {settings.precision}, {NUM_RANKS} CPU ranks, "
           f"micro-batch {settings.micro_batch} x block {settings.block_size} ({tokens_per_step:,} tokens/step), "
           f"model {json.dumps(BENCH_MODEL)}, token file of {assets.num_windows:,} windows\n")
-    print("| measure | cpt-ds | baseline (HF Trainer) | cpt-ds / baseline |")
-    print("|---|---:|---:|---:|")
-    for name, ours, baseline, ratio in rows:
-        print(f"| {name} | {ours} | {baseline} | {ratio} |")
+    print_side_by_side(rows)
     at_scale = per_token(baseline_eval) * 10_000 * 1024 / 2**20
     print(f"\nThe baseline keeps {per_token(baseline_eval):.0f} bytes per eval token per rank until "
           f"compute_metrics (measured slope): an eval set of 10,000 windows of 1,024 tokens would add "
@@ -492,14 +372,13 @@ def report(settings: Settings, assets: Assets, ours_speed: list[SpeedRun], basel
 
     speed_ratio = median_rate(ours_speed) / median_rate(baseline_speed)
     flat = ours_eval[n_large].growth_mib <= (1 + FLAT_TOLERANCE) * ours_eval[n_small].growth_mib
-    print("\n| target | measured | met |")
-    print("|---|---:|---|")
-    print(f"| train tokens/s cpt-ds / baseline >= {SPEED_TARGET}x (median steps) | {speed_ratio:.2f}x | "
-          f"{'yes' if speed_ratio >= SPEED_TARGET else 'NO'} |")
-    print(f"| cpt-ds eval peak flat from {n_small} to {n_large} windows (within {FLAT_TOLERANCE:.0%}) | "
-          f"{ours_growth:.2f}x | {'yes' if flat else 'NO'} |")
-    print(f"| (reference) baseline eval peak grows from {n_small} to {n_large} windows | {base_growth:.2f}x | "
-          f"{'yes' if base_growth > 1 + FLAT_TOLERANCE else 'no'} |")
+    print_targets([
+        (f"train tokens/s cpt-ds / baseline >= {SPEED_TARGET}x (median steps)", f"{speed_ratio:.2f}x",
+         speed_ratio >= SPEED_TARGET),
+        (f"cpt-ds eval peak flat from {n_small} to {n_large} windows (within {FLAT_TOLERANCE:.0%})",
+         f"{ours_growth:.2f}x", flat),
+        (f"(reference) baseline eval peak grows from {n_small} to {n_large} windows", f"{base_growth:.2f}x",
+         "yes" if base_growth > 1 + FLAT_TOLERANCE else "no")])
     return speed_ratio >= SPEED_TARGET and flat
 
 
