@@ -33,7 +33,7 @@ def main() -> int:
 
     trainer = Trainer(RunConfig.load(["--config", args.config]))
     try:
-        assert trainer.eval_samples is not None, "the run config must name eval data"
+        assert trainer.data.eval_sets, "train_speed.py's eval run configs name eval data"
         for _ in range(args.warm_steps):
             trainer.train_step(trainer.loader.next_step(), trainer.lr(trainer.step))
             trainer.step += 1
@@ -41,7 +41,7 @@ def main() -> int:
         with probe:
             metrics = trainer.evaluate_and_log()
         result = {"rank": trainer.rank, "world_size": trainer.world_size, "zero_stage": trainer.ds.zero_stage,
-                  "precision": trainer.ds.precision, **probe.as_dict(), "eval_samples": len(trainer.eval_samples),
+                  "precision": trainer.ds.precision, **probe.as_dict(), "eval_samples": sum(len(c.samples) for c in trainer.data.eval_sets),
                   "eval_accuracy": metrics.accuracy, "eval_loss": metrics.loss}
         Path(args.result.format(rank=trainer.rank)).write_text(json.dumps(result, indent=2) + "\n")
     finally:

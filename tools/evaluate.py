@@ -7,8 +7,9 @@ Each ``--data`` is one set (named like train.py names eval_data_path sets); one 
 token-weighted total. ``--max_samples`` applies to each set.
 
 Uses the training code's samples, document attention, chunked loss and distributed metrics
-(all-reduced sums, never gathered logits), so on the same samples it reproduces the eval_loss that train.py logged. ``--model`` may be a full
-model folder or a peft adapter folder (its base model is loaded from the adapter's config).
+(all-reduced sums, never gathered logits), so on the same samples it reproduces the eval_loss that
+train.py logged. ``--model`` may be a full model folder or a peft adapter folder (its base model is
+loaded from the adapter's config).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from cpt_ds.metrics import evaluate_sets, total_metrics  # noqa: E402
 from cpt_ds.model import attention_implementation  # noqa: E402
 from cpt_ds.preflight import sidecar_tokenizer_fingerprint  # noqa: E402
 from cpt_ds.token_file import IndexedTokenFile, TokenFileError  # noqa: E402
-from cpt_ds.tokenizer import tokenizer_files, tokenizer_fingerprint  # noqa: E402
+from cpt_ds.tokenizer import TokenizerError, tokenizer_fingerprint  # noqa: E402
 
 logger = logging.getLogger("cpt_ds.evaluate")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -78,7 +79,10 @@ def load_samples(args: argparse.Namespace, folder: Path) -> dict[str, PackedSamp
     sets = {name: IndexedTokenFile(prefix) for name, prefix in named}
     if not folder.is_dir():
         raise UsageError(f"--model {folder} does not exist")
-    fingerprint = tokenizer_fingerprint(folder) if _has_tokenizer(folder) else None
+    try:
+        fingerprint = tokenizer_fingerprint(folder)
+    except TokenizerError:  # an adapter folder may hold no tokenizer: then there is nothing to compare
+        fingerprint = None
     for file in sets.values():
         packed_with = sidecar_tokenizer_fingerprint(file.meta)
         if fingerprint and packed_with and packed_with != fingerprint:
@@ -120,14 +124,6 @@ def evaluate(args: argparse.Namespace, rank: int, world_size: int) -> None:
             print(f"{name:24} {m.loss:8.4f} {m.accuracy:9.4f} {m.perplexity:11.2f} {m.tokens:10,}")
         if args.output:
             Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
-
-
-def _has_tokenizer(folder: Path) -> bool:
-    try:
-        tokenizer_files(folder)
-    except ValueError:
-        return False
-    return True
 
 
 if __name__ == "__main__":
