@@ -40,8 +40,9 @@ def main() -> int:
         probe = EvalMemoryProbe()
         with probe:
             metrics = trainer.evaluate_and_log()
+        eval_samples = sum(len(corpus.samples) for corpus in trainer.data.eval_sets)
         result = {"rank": trainer.rank, "world_size": trainer.world_size, "zero_stage": trainer.ds.zero_stage,
-                  "precision": trainer.ds.precision, **probe.as_dict(), "eval_samples": sum(len(c.samples) for c in trainer.data.eval_sets),
+                  "precision": trainer.ds.precision, **probe.as_dict(), "eval_samples": eval_samples,
                   "eval_accuracy": metrics.accuracy, "eval_loss": metrics.loss}
         Path(args.result.format(rank=trainer.rank)).write_text(json.dumps(result, indent=2) + "\n")
     finally:
