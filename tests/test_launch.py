@@ -1,10 +1,12 @@
-"""Launch forms users rely on: a simulated two-node job and the README's quickstart."""
+"""Launch forms users rely on: the launch command, a simulated two-node job and the README's quickstart."""
 
 from __future__ import annotations
 
 import re
 import subprocess
 import sys
+
+import pytest
 
 from conftest import REPO, Background, eval_records, free_port, launch_env, metrics, run_config, write_config
 from helpers_data import load_tool
@@ -60,3 +62,20 @@ def test_a_plot_is_titled_by_the_run_folder_name(tmp_path):
     plot_run = load_tool("plot_run")
     assert plot_run.run_title(tmp_path / "runs" / "cpt") == "cpt"
     assert plot_run.run_title(tmp_path / "runs" / "cpt" / ".." / "base") == "base"
+
+
+def test_one_launch_command_for_hostfiles_and_gpus(tmp_path):
+    """cpt_ds/launch.py: the documented hostfile form (no ssh) and the --num_gpus form, nothing else."""
+    from cpt_ds.launch import deepspeed_command, write_hostfile
+
+    hostfile = write_hostfile(tmp_path / "hosts", slots=1, num_nodes=2)
+    assert hostfile.read_text() == "node0 slots=1\nnode1 slots=1\n"
+    assert write_hostfile(tmp_path / "local", slots=2).read_text() == "localhost slots=2\n"
+    runner = [sys.executable, "-m", "deepspeed.launcher.runner"]
+    assert deepspeed_command("train.py", ["--config", "c.json"], master_port=7, hostfile=hostfile, node_rank=1) == [
+        *runner, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", "1", "--master_addr", "127.0.0.1",
+        "--master_port", "7", "train.py", "--config", "c.json"]
+    assert deepspeed_command("train.py", master_port=7, num_gpus=8) == [
+        *runner, "--num_gpus", "8", "--master_port", "7", "train.py"]
+    with pytest.raises(ValueError, match="exactly one of hostfile= and num_gpus="):
+        deepspeed_command("train.py", master_port=7)
