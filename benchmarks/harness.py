@@ -186,12 +186,21 @@ def run_with_peak_rss(argv: list[str]) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+Row = tuple[str, str, str, str]
+"""``(measure, cpt-ds, baseline, cpt-ds / baseline)`` of the side-by-side table."""
+
+
 def ratio_text(ours: float, baseline: float) -> str:
     return f"{ours / baseline:.2f}x" if baseline > 0 else "-"
 
 
-def print_side_by_side(rows: list[tuple[str, str, str, str]], *, baseline: str = "baseline (HF Trainer)") -> None:
-    """``(measure, cpt-ds, baseline, ratio)`` rows as one markdown table."""
+def side_row(name: str, ours: float, baseline: float, fmt: str, *, ratio: bool = True) -> Row:
+    """One row, both numbers in format ``fmt``."""
+    return name, format(ours, fmt), format(baseline, fmt), ratio_text(ours, baseline) if ratio else ""
+
+
+def print_side_by_side(rows: list[Row], *, baseline: str = "baseline (HF Trainer)") -> None:
+    """The rows as one markdown table."""
     print(f"| measure | cpt-ds | {baseline} | cpt-ds / baseline |")
     print("|---|---:|---:|---:|")
     for name, ours, theirs, ratio in rows:

@@ -45,7 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness import REPO, BenchmarkError, check_probe_supported, launch, print_side_by_side, print_targets, ratio_text
+from harness import (
+    REPO, BenchmarkError, Row, check_probe_supported, launch, print_side_by_side, print_targets, side_row)
 
 BENCHMARKS = Path(__file__).resolve().parent
 BASELINE_SCRIPT = BENCHMARKS / "_baseline_hf_trainer.py"
@@ -311,15 +312,8 @@ def run_baseline_eval(assets: Assets, settings: Settings, work: Path, eval_sampl
 # --------------------------------------------------------------------------------------------------
 
 
-def report(settings: Settings, assets: Assets, ours_speed: list[SpeedRun], baseline_speed: list[SpeedRun],
-           ours_eval: dict[int, EvalRun], baseline_eval: dict[int, EvalRun]) -> bool:
-    """Print the table and the targets; returns whether every target was met."""
+def speed_rows(settings: Settings, ours: list[SpeedRun], baseline: list[SpeedRun]) -> list[Row]:
     tokens_per_step = settings.global_batch * settings.block_size
-    n_small, n_large = sorted(ours_eval)
-    rows: list[tuple[str, str, str, str]] = []
-
-    def row(name: str, ours: float, baseline: float, fmt: str, ratio: bool = True) -> None:
-        rows.append((name, format(ours, fmt), format(baseline, fmt), ratio_text(ours, baseline) if ratio else ""))
 
     def median_rate(runs: list[SpeedRun]) -> float:
         return tokens_per_step / statistics.median(seconds for run in runs for seconds in run.step_seconds)
@@ -327,50 +321,69 @@ def report(settings: Settings, assets: Assets, ours_speed: list[SpeedRun], basel
     def mean_rates(runs: list[SpeedRun]) -> list[float]:
         return [tokens_per_step * len(run.step_seconds) / sum(run.step_seconds) for run in runs]
 
+    def fastest_rate(runs: list[SpeedRun]) -> float:
+        return tokens_per_step / min(seconds for run in runs for seconds in run.step_seconds)
+
     window = f"steps {settings.window_start + 1}-{settings.max_steps}"
-    row(f"train tokens/s, median step of {len(ours_speed)} launch(es), {window}", median_rate(ours_speed),
-        median_rate(baseline_speed), ",.0f")
-    row(f"train tokens/s, best launch's mean over {window}", max(mean_rates(ours_speed)),
-        max(mean_rates(baseline_speed)), ",.0f")
-    # On a shared machine the fastest steps are the ones no other job competed with.
-    row("train tokens/s, fastest step (least contended)",
-        tokens_per_step / min(seconds for run in ours_speed for seconds in run.step_seconds),
-        tokens_per_step / min(seconds for run in baseline_speed for seconds in run.step_seconds), ",.0f")
+    rows = [
+        side_row(f"train tokens/s, median step of {len(ours)} launch(es), {window}", median_rate(ours),
+                 median_rate(baseline), ",.0f"),
+        side_row(f"train tokens/s, best launch's mean over {window}", max(mean_rates(ours)),
+                 max(mean_rates(baseline)), ",.0f"),
+        # On a shared machine the fastest steps are the ones no other job competed with.
+        side_row("train tokens/s, fastest step (least contended)", fastest_rate(ours), fastest_rate(baseline), ",.0f")]
     if settings.repeats > 1:
-        rows.append(("train tokens/s, each launch's mean", ", ".join(f"{rate:,.0f}" for rate in mean_rates(ours_speed)),
-                     ", ".join(f"{rate:,.0f}" for rate in mean_rates(baseline_speed)), ""))
-    row("median seconds per step", tokens_per_step / median_rate(ours_speed),
-        tokens_per_step / median_rate(baseline_speed), ".3f")
-    row(f"whole launch, s ({settings.max_steps} steps, start-up included, fastest)",
-        min(run.launch_seconds for run in ours_speed), min(run.launch_seconds for run in baseline_speed), ".1f")
-    loss = [run.first_loss for run in ours_speed], [run.first_loss for run in baseline_speed]
+        rows.append(("train tokens/s, each launch's mean", ", ".join(f"{rate:,.0f}" for rate in mean_rates(ours)),
+                     ", ".join(f"{rate:,.0f}" for rate in mean_rates(baseline)), ""))
+    rows.append(side_row("median seconds per step", tokens_per_step / median_rate(ours),
+                         tokens_per_step / median_rate(baseline), ".3f"))
+    rows.append(side_row(f"whole launch, s ({settings.max_steps} steps, start-up included, fastest)",
+                         min(run.launch_seconds for run in ours), min(run.launch_seconds for run in baseline), ".1f"))
+    first = [ours[0].first_loss, baseline[0].first_loss]
     rows.append((f"step-1 train loss (same untrained model: both ~ ln {VOCAB_SIZE} = {math.log(VOCAB_SIZE):.2f})",
-                 f"{loss[0][0]:.4f}" if loss[0][0] is not None else "-",
-                 f"{loss[1][0]:.4f}" if loss[1][0] is not None else "-", ""))
-    for n in (n_small, n_large):
-        row(f"eval peak RSS growth, {n} windows, MiB (max over ranks)", ours_eval[n].growth_mib,
-            baseline_eval[n].growth_mib, ".1f")
-    ours_growth = ours_eval[n_large].growth_mib / ours_eval[n_small].growth_mib
-    base_growth = baseline_eval[n_large].growth_mib / baseline_eval[n_small].growth_mib
-    rows.append((f"eval peak, {n_large} / {n_small} windows", f"{ours_growth:.2f}x", f"{base_growth:.2f}x", ""))
-    tokens_added = (n_large - n_small) * settings.block_size
+                 *(f"{loss:.4f}" if loss is not None else "-" for loss in first), ""))
+    return rows
 
-    def per_token(runs: dict[int, EvalRun]) -> float:
-        return (runs[n_large].growth_mib - runs[n_small].growth_mib) * 2**20 / tokens_added
 
-    row("eval memory per extra eval token, bytes", per_token(ours_eval), per_token(baseline_eval), ".1f", ratio=False)
-    row("RSS before the eval, MiB", ours_eval[n_large].rss_before_mib, baseline_eval[n_large].rss_before_mib, ".0f")
+def bytes_per_eval_token(settings: Settings, runs: dict[int, EvalRun]) -> float:
+    """The slope of eval memory: growth from the N-window eval to the 10N one, per token added."""
+    n_small, n_large = sorted(runs)
+    return (runs[n_large].growth_mib - runs[n_small].growth_mib) * 2**20 / ((n_large - n_small) * settings.block_size)
 
+
+def eval_rows(settings: Settings, ours: dict[int, EvalRun], baseline: dict[int, EvalRun]) -> list[Row]:
+    n_small, n_large = sorted(ours)
+    rows = [side_row(f"eval peak RSS growth, {n} windows, MiB (max over ranks)", ours[n].growth_mib,
+                     baseline[n].growth_mib, ".1f") for n in (n_small, n_large)]
+    growth = [runs[n_large].growth_mib / runs[n_small].growth_mib for runs in (ours, baseline)]
+    rows.append((f"eval peak, {n_large} / {n_small} windows", f"{growth[0]:.2f}x", f"{growth[1]:.2f}x", ""))
+    rows.append(side_row("eval memory per extra eval token, bytes", bytes_per_eval_token(settings, ours),
+                         bytes_per_eval_token(settings, baseline), ".1f", ratio=False))
+    rows.append(side_row("RSS before the eval, MiB", ours[n_large].rss_before_mib, baseline[n_large].rss_before_mib,
+                         ".0f"))
+    return rows
+
+
+def report(settings: Settings, assets: Assets, ours_speed: list[SpeedRun], baseline_speed: list[SpeedRun],
+           ours_eval: dict[int, EvalRun], baseline_eval: dict[int, EvalRun]) -> bool:
+    """Print the table and the targets; returns whether every target was met."""
+    tokens_per_step = settings.global_batch * settings.block_size
     print(f"\nZeRO-{settings.zero_stage} {settings.precision}, {NUM_RANKS} CPU ranks, "
           f"micro-batch {settings.micro_batch} x block {settings.block_size} ({tokens_per_step:,} tokens/step), "
           f"model {json.dumps(BENCH_MODEL)}, token file of {assets.num_windows:,} windows\n")
-    print_side_by_side(rows)
-    at_scale = per_token(baseline_eval) * 10_000 * 1024 / 2**20
-    print(f"\nThe baseline keeps {per_token(baseline_eval):.0f} bytes per eval token per rank until "
-          f"compute_metrics (measured slope): an eval set of 10,000 windows of 1,024 tokens would add "
-          f"~{at_scale:,.0f} MiB per rank (extrapolated); cpt-ds keeps 3 integers.")
+    print_side_by_side(speed_rows(settings, ours_speed, baseline_speed) + eval_rows(settings, ours_eval, baseline_eval))
+    slope = bytes_per_eval_token(settings, baseline_eval)
+    print(f"\nThe baseline keeps {slope:.0f} bytes per eval token per rank until compute_metrics (measured "
+          f"slope): an eval set of 10,000 windows of 1,024 tokens would add ~{slope * 10_000 * 1024 / 2**20:,.0f} MiB "
+          "per rank (extrapolated); cpt-ds keeps 3 integers.")
 
-    speed_ratio = median_rate(ours_speed) / median_rate(baseline_speed)
+    def median_seconds(runs: list[SpeedRun]) -> float:
+        return statistics.median(seconds for run in runs for seconds in run.step_seconds)
+
+    n_small, n_large = sorted(ours_eval)
+    speed_ratio = median_seconds(baseline_speed) / median_seconds(ours_speed)
+    ours_growth = ours_eval[n_large].growth_mib / ours_eval[n_small].growth_mib
+    base_growth = baseline_eval[n_large].growth_mib / baseline_eval[n_small].growth_mib
     flat = ours_eval[n_large].growth_mib <= (1 + FLAT_TOLERANCE) * ours_eval[n_small].growth_mib
     print_targets([
         (f"train tokens/s cpt-ds / baseline >= {SPEED_TARGET}x (median steps)", f"{speed_ratio:.2f}x",
