@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 # benchmarks/ is sys.path[0] when the launcher runs this file, so the probe is shared with the driver.
-from train_speed import EvalMemoryProbe
+from harness import EvalMemoryProbe
 
 # ---- the baseline's metric functions (verbatim logic) ---------------------------------------------
 

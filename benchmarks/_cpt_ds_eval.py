@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 # benchmarks/ is sys.path[0] when the launcher runs this file, so the probe is shared with the baseline.
-from train_speed import EvalMemoryProbe
+from harness import EvalMemoryProbe
 
 from cpt_ds.distributed import exit_process
 
@@ -33,15 +33,16 @@ def main() -> int:
 
     trainer = Trainer(RunConfig.load(["--config", args.config]))
     try:
-        assert trainer.eval_samples is not None, "the run config must name eval data"
+        assert trainer.data.eval_sets, "train_speed.py's eval run configs name eval data"
         for _ in range(args.warm_steps):
             trainer.train_step(trainer.loader.next_step(), trainer.lr(trainer.step))
             trainer.step += 1
         probe = EvalMemoryProbe()
         with probe:
             metrics = trainer.evaluate_and_log()
+        eval_samples = sum(len(corpus.samples) for corpus in trainer.data.eval_sets)
         result = {"rank": trainer.rank, "world_size": trainer.world_size, "zero_stage": trainer.ds.zero_stage,
-                  "precision": trainer.ds.precision, **probe.as_dict(), "eval_samples": len(trainer.eval_samples),
+                  "precision": trainer.ds.precision, **probe.as_dict(), "eval_samples": eval_samples,
                   "eval_accuracy": metrics.accuracy, "eval_loss": metrics.loss}
         Path(args.result.format(rank=trainer.rank)).write_text(json.dumps(result, indent=2) + "\n")
     finally:

@@ -32,8 +32,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 LLAMA3 = REPO.parent / "shared" / "llama3-tokenizer"
 SKIPPED_PAGES = {"print.html", "toc.html", "404.html"}
@@ -152,7 +151,8 @@ def continue_training(model, train_ids, eval_ids, held_out, *, steps: int, chars
     Returns ``(step, training seconds, characters read, bits per character)``, step 0 first.
     """
     import torch
-    from test_vocab_bpc import bits_per_char
+
+    from cpt_ds.toy import bits_per_char
 
     stream = torch.tensor([t for ids in train_ids for t in [1022, *ids, 1023]])
     generator = torch.Generator().manual_seed(1)
@@ -179,23 +179,20 @@ def continue_training(model, train_ids, eval_ids, held_out, *, steps: int, chars
 
 def part2(steps: int, work: Path) -> None:
     import torch
-    from test_vocab_bpc import HELD_OUT_EVERY, encode_documents, pretrain
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from cpt_ds.model import resize_embeddings
     from cpt_ds.pack.extend_vocab import ExtendOptions, extend_vocabulary
     from cpt_ds.pack.tiny_tokenizer import train_tokenizer
-
-    from conftest import TINY_MODEL
-    from helpers_data import chinese_documents, english_documents, tokenizer_training_texts
+    from cpt_ds.toy import (
+        TINY_MODEL, chinese_documents, encode_documents, english_documents, held_out_split, pretrain,
+        tokenizer_training_texts, write_jsonl_texts)
 
     torch.set_num_threads(1)
     tiny = train_tokenizer(tokenizer_training_texts(), work / "tiny", vocab_size=1024)
-    chinese = chinese_documents()
-    held_out = chinese[::HELD_OUT_EVERY]
-    train_zh = [t for i, t in enumerate(chinese) if i % HELD_OUT_EVERY]
-    domain = work / "zh_train.jsonl"
-    domain.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in train_zh), encoding="utf-8")
+    # The held-out split of tests/test_vocab_bpc.py: every 5th Chinese document, whole.
+    train_zh, held_out = held_out_split(chinese_documents())
+    domain = write_jsonl_texts(work / "zh_train.jsonl", train_zh)
     extended = work / "tiny_extended"
     num_new = 200
     extend_vocabulary(tiny, [domain], extended, ExtendOptions(num_new_tokens=num_new, eval_fraction=0.0))

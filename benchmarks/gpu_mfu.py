@@ -37,7 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness import BenchmarkError
+
 from cpt_ds.distributed import free_port
+from cpt_ds.launch import deepspeed_command
 
 REPO = Path(__file__).resolve().parents[1]
 MFU_TARGET = 0.45
@@ -61,10 +64,6 @@ MODEL_1B = {
     "attention_bias": False,
     "mlp_bias": False,
 }
-
-
-class BenchmarkError(RuntimeError):
-    """The benchmark cannot run or its run failed; the message says why in one sentence."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -136,9 +135,9 @@ class Options:
 def write_tokenizer(folder: Path) -> Path:
     """Any tokenizer will do (the ids are random); train.py needs one whose fingerprint matches the file's."""
     from cpt_ds.pack.tiny_tokenizer import train_tokenizer
-    from cpt_ds.quickstart import python_corpus_documents
+    from cpt_ds.toy import python_corpus_texts
 
-    texts = [text for documents in python_corpus_documents().values() for text in documents][:200]
+    texts = python_corpus_texts()[:200]
     return train_tokenizer(texts, folder, vocab_size=512)
 
 
@@ -223,8 +222,7 @@ def preflight_check(config_path: Path, num_gpus: int) -> None:
 
 
 def launch_command(config_path: Path, num_gpus: int, port: int) -> list[str]:
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_gpus), "--master_port", str(port),
-            str(REPO / "train.py"), "--config", str(config_path)]
+    return deepspeed_command(REPO / "train.py", ["--config", str(config_path)], master_port=port, num_gpus=num_gpus)
 
 
 def run_training(command: list[str], log: Path, timeout: float) -> None:

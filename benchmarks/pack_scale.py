@@ -42,18 +42,16 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from pack_speed import busy_cpu_seconds, own_cpu_seconds  # noqa: E402
+
+from cpt_ds.toy import chinese_documents, english_documents  # noqa: E402
 
 FILE_MB = 64
 
 
 def base_text() -> bytes:
-    from helpers_data import chinese_documents, english_documents
-
     documents = [" ".join(text.split()) for text in chinese_documents() + english_documents(400)]
     return ("\n".join(d for d in documents if d) + "\n").encode("utf-8")
 

@@ -8,8 +8,8 @@ LLaMA-3's 128,256-token vocabulary, trained from scratch with micro-batch 1, ZeR
 ranks, for each block size, by cpt-ds (train.py, its defaults: chunked loss, document attention) and
 by the baseline's HF Trainer path (benchmarks/_baseline_hf_trainer.py, full logits), with the same
 DeepSpeed JSON, model config, seed and token windows (uniform random ids in 8,192-token documents,
-as benchmarks/gpu_mfu.py writes them). Both sides run under benchmarks/_peak_rss.py, which records
-each rank's peak resident set (``VmHWM``, the whole process). Tokens/s: median step time over the
+as benchmarks/gpu_mfu.py writes them). Both sides run under benchmarks/harness.py's peak-RSS wrapper,
+which records each rank's peak resident set (``VmHWM``, the whole process). Tokens/s: median step time over the
 steps after ``--window_start`` (as benchmarks/train_speed.py times them).
 
 The baseline materializes the fp32 logits (tokens x 128,256 x 4 bytes: 2.1 GB at 4,096 tokens), the
@@ -29,17 +29,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCHMARKS))
+from gpu_mfu import write_random_tokens, write_tokenizer
+from harness import REPO, BenchmarkError, launch, print_targets, ratio_text
+from train_speed import (
+    BASELINE_SCRIPT, NUM_RANKS, Assets, Settings, baseline_spec, check_setup, deepspeed_json, ours_run_config,
+    ours_setup, ours_step_seconds)
 
-from gpu_mfu import write_random_tokens, write_tokenizer  # noqa: E402
-from train_speed import (  # noqa: E402
-    BASELINE_SCRIPT, NUM_RANKS, REPO, Assets, BenchmarkError, Settings, baseline_spec, check_setup, deepspeed_json,
-    launch, ours_run_config, ours_setup, ours_step_seconds)
+from cpt_ds.toy import TINY_LLAMA3
 
-from cpt_ds.quickstart import TINY_LLAMA3  # noqa: E402
-
-PEAK_RSS = BENCHMARKS / "_peak_rss.py"
 VOCAB_SIZE = 128256
 BODY = {"hidden_size": 256, "intermediate_size": 896, "num_hidden_layers": 2, "num_attention_heads": 8,
         "num_key_value_heads": 2, "vocab_size": VOCAB_SIZE, "tie_word_embeddings": False}
@@ -69,36 +66,28 @@ def build_assets(root: Path, settings: Settings) -> Assets:
                   num_windows=(num_tokens - 1) // settings.block_size)
 
 
-def peak_rss(work: Path, label: str) -> list[float]:
-    files = sorted(work.glob(f"{label}.rss.rank*.json"))
-    if len(files) != NUM_RANKS:
-        raise BenchmarkError(f"{label}: expected {NUM_RANKS} peak-RSS files in {work}, found {len(files)}")
-    return [json.loads(file.read_text())["peak_rss_kib"] / 1024 for file in files]
-
-
 def run_ours(assets: Assets, settings: Settings, work: Path) -> Side:
     label = f"ours_{settings.block_size}"
     config = work / f"{label}.json"
     config.write_text(json.dumps(ours_run_config(assets, settings, work / label, eval_samples=None), indent=2))
-    launch(label, PEAK_RSS, ["--out", str(work / f"{label}.rss.rank{{rank}}.json"), "--", str(REPO / "train.py"),
-                             "--config", str(config)], work, timeout=3600)
+    launched = launch(label, REPO / "train.py", ["--config", str(config)], work, peak_rss=True, timeout=3600)
     check_setup("cpt-ds", ours_setup(work / f"{label}.log"), settings, work / f"{label}.log")
     seconds, first = ours_step_seconds(work / label / "metrics.jsonl", settings)
-    return Side(peak_rss(work, label), settings.global_batch * settings.block_size / statistics.median(seconds), first)
+    return Side(launched.peak_rss_mib, settings.global_batch * settings.block_size / statistics.median(seconds), first)
 
 
 def run_baseline(assets: Assets, settings: Settings, work: Path) -> Side:
     label = f"baseline_{settings.block_size}"
     spec = work / f"{label}_spec.json"
     spec.write_text(json.dumps(baseline_spec(assets, settings), indent=2))
-    launch(label, PEAK_RSS, ["--out", str(work / f"{label}.rss.rank{{rank}}.json"), "--", str(BASELINE_SCRIPT),
-                             "--spec", str(spec), "--mode", "train", "--output_dir", str(work / label),
-                             "--result", str(work / f"{label}.rank{{rank}}.json")], work, timeout=3600)
+    args = ["--spec", str(spec), "--mode", "train", "--output_dir", str(work / label),
+            "--result", str(work / f"{label}.rank{{rank}}.json")]
+    launched = launch(label, BASELINE_SCRIPT, args, work, peak_rss=True, timeout=3600)
     numbers = json.loads((work / f"{label}.rank0.json").read_text())
     check_setup("the baseline", numbers, settings, work / f"{label}.log")
     window = range(settings.window_start + 1, settings.max_steps + 1)
     seconds = [numbers["step_seconds"][str(step)] for step in window]
-    return Side(peak_rss(work, label), settings.global_batch * settings.block_size / statistics.median(seconds),
+    return Side(launched.peak_rss_mib, settings.global_batch * settings.block_size / statistics.median(seconds),
                 numbers["first_loss"])
 
 
@@ -107,19 +96,19 @@ def report(results: dict[int, tuple[Side, Side]]) -> bool:
           "cpt-ds tokens/s | baseline tokens/s | tokens/s cpt-ds / baseline | step-1 loss cpt-ds / baseline |")
     print("|---:|---:|---:|---:|---:|---:|---:|---|")
     for block, (ours, baseline) in sorted(results.items()):
-        rss = max(ours.peak_rss_mib) / max(baseline.peak_rss_mib)
-        speed = ours.tokens_per_second / baseline.tokens_per_second
+        rss = ratio_text(max(ours.peak_rss_mib), max(baseline.peak_rss_mib))
+        speed = ratio_text(ours.tokens_per_second, baseline.tokens_per_second)
         losses = " / ".join(f"{loss:.3f}" if loss is not None else "-" for loss in (ours.first_loss, baseline.first_loss))
         print(f"| {block:,} | {', '.join(f'{v:,.0f}' for v in ours.peak_rss_mib)} | "
-              f"{', '.join(f'{v:,.0f}' for v in baseline.peak_rss_mib)} | {rss:.2f}x | {ours.tokens_per_second:,.0f} | "
-              f"{baseline.tokens_per_second:,.0f} | {speed:.2f}x | {losses} |")
+              f"{', '.join(f'{v:,.0f}' for v in baseline.peak_rss_mib)} | {rss} | {ours.tokens_per_second:,.0f} | "
+              f"{baseline.tokens_per_second:,.0f} | {speed} | {losses} |")
     block = max(results)
     ours, baseline = results[block]
     rss = max(ours.peak_rss_mib) / max(baseline.peak_rss_mib)
     speed = ours.tokens_per_second / baseline.tokens_per_second
-    print(f"\n| target at block {block:,} | measured | met |\n|---|---:|---|")
-    print(f"| peak RSS cpt-ds / baseline <= {RSS_TARGET}x | {rss:.2f}x | {'yes' if rss <= RSS_TARGET else 'NO'} |")
-    print(f"| tokens/s cpt-ds / baseline >= {SPEED_TARGET}x | {speed:.2f}x | {'yes' if speed >= SPEED_TARGET else 'NO'} |")
+    print(f"\nat block {block:,}:")
+    print_targets([(f"peak RSS cpt-ds / baseline <= {RSS_TARGET}x", f"{rss:.2f}x", rss <= RSS_TARGET),
+                   (f"tokens/s cpt-ds / baseline >= {SPEED_TARGET}x", f"{speed:.2f}x", speed >= SPEED_TARGET)])
     return rss <= RSS_TARGET and speed >= SPEED_TARGET
 
 

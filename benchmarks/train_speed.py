@@ -32,15 +32,12 @@ Everything is written to a temporary folder (``--workdir`` keeps it).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import math
 import os
 import re
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,9 +45,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cpt_ds.distributed import free_port, remove_shm_buffers
+from harness import (
+    REPO, BenchmarkError, Row, check_probe_supported, launch, print_side_by_side, print_targets, side_row)
 
-REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = Path(__file__).resolve().parent
 BASELINE_SCRIPT = BENCHMARKS / "_baseline_hf_trainer.py"
 OURS_EVAL_SCRIPT = BENCHMARKS / "_cpt_ds_eval.py"
@@ -71,64 +68,6 @@ BENCH_MODEL = {
 # The eval growth of cpt-ds counts as "flat" when the 10N eval's peak is within this of the N eval's.
 FLAT_TOLERANCE = 0.10
 SPEED_TARGET = 1.1
-
-
-class BenchmarkError(RuntimeError):
-    """A launch or a measurement failed; the message says which and where its log is."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Peak-memory probe (imported by the two rank scripts)
-# --------------------------------------------------------------------------------------------------
-
-
-def _status_kib(field: str) -> int:
-    """A ``kB`` field of /proc/self/status (VmRSS: resident now, VmHWM: peak since the last reset)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise BenchmarkError(f"/proc/self/status has no {field} line; the eval-memory probe needs Linux")
-
-
-def _release_free_heap() -> None:
-    """Give glibc's free heap pages back to the kernel, so that eval allocations which would otherwise
-    reuse memory freed by training show up as resident-set growth (no-op on a libc without it)."""
-    libc = ctypes.CDLL(None)  # the symbols already loaded into this process, libc's among them
-    trim = getattr(libc, "malloc_trim", None)
-    if trim is not None:
-        trim(0)
-
-
-class EvalMemoryProbe:
-    """Peak resident-set growth of this process over a ``with`` block, as the kernel counts it.
-
-    Unlike sampling, the kernel's high-water mark cannot miss a short peak; unlike tracemalloc, it sees
-    torch's allocations. Resetting it needs Linux >= 4.0 (``echo 5 > /proc/self/clear_refs``).
-    """
-
-    def __enter__(self) -> EvalMemoryProbe:
-        _release_free_heap()
-        Path("/proc/self/clear_refs").write_text("5")
-        self.before_kib = _status_kib("VmRSS")
-        self.started = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.seconds = time.perf_counter() - self.started
-        self.peak_kib = _status_kib("VmHWM")
-
-    def as_dict(self) -> dict[str, float]:
-        return {"rss_before_kib": self.before_kib, "peak_rss_kib": self.peak_kib,
-                "growth_kib": self.peak_kib - self.before_kib, "eval_seconds": self.seconds}
-
-
-def check_probe_supported() -> None:
-    """Fail in a second, not after the training launches, where the peak cannot be reset."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError as error:
-        raise BenchmarkError(f"the eval-memory probe resets the peak RSS through /proc/self/clear_refs "
-                             f"(Linux >= 4.0), which failed here: {error}") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,10 +140,10 @@ def build_assets(root: Path, settings: Settings) -> Assets:
     """Text shipped with Python -> a 2,048-token LLaMA-3-style tokenizer -> one token file holding at
     least the 10N eval windows (the corpus is repeated when it is too short)."""
     from cpt_ds.pack.tiny_tokenizer import train_tokenizer
-    from cpt_ds.quickstart import TINY_LLAMA3, python_corpus_documents
     from cpt_ds.token_file import IndexedTokenFile
+    from cpt_ds.toy import TINY_LLAMA3, python_corpus_texts
 
-    texts = [text for documents in python_corpus_documents().values() for text in documents]
+    texts = python_corpus_texts()
     tokenizer = train_tokenizer(texts, root / "tokenizer", vocab_size=VOCAB_SIZE)
     needed = 10 * settings.eval_samples
     prefix = pack_token_file(root, texts, tokenizer, copies=1)
@@ -260,57 +199,6 @@ def baseline_spec(assets: Assets, settings: Settings) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Launching 2 CPU ranks
-# --------------------------------------------------------------------------------------------------
-
-
-def launch(label: str, script: Path, args: list[str], work: Path, *, exact_rss: bool = False,
-           timeout: float = 900) -> float:
-    """Run ``script`` on 2 ranks through the deepspeed launcher; returns the launch's wall seconds.
-
-    ``exact_rss`` (eval-memory launches only, both sides alike) fixes glibc's mmap threshold at 64 KiB.
-    By default glibc raises that threshold after the first large free, so blocks freed by training stay
-    in the heap and later allocations land in whichever of them fits: the resident set then grows with
-    every batch that touches another old block (measured here: +1 KB per eval token on *both* sides, with
-    constant live memory). With a fixed threshold every tensor-sized block is mmap'd and unmapped on
-    free, so the resident set follows live memory. The speed launches keep glibc's defaults.
-    """
-    port = free_port()
-    hostfile = work / "hostfile"
-    hostfile.write_text(f"localhost slots={NUM_RANKS}\n")
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
-               "--node_rank", "0", "--master_addr", "127.0.0.1", "--master_port", str(port), str(script), *args]
-    env = dict(os.environ, DS_ACCELERATOR="cpu",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    # One thread per rank: 2 ranks on 2 cores, the same for both sides.
-    env.setdefault("OMP_NUM_THREADS", "1")
-    if exact_rss:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
-    log = work / f"{label}.log"
-    print(f"  {label} ...", end="", flush=True)
-    started = time.perf_counter()
-    with open(log, "w") as handle:
-        # Its own session, so that a timeout or Ctrl-C ends the launcher and both ranks together.
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-        try:
-            returncode = process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise BenchmarkError(f"{label} did not finish in {timeout:.0f} s; see {log}") from None
-        finally:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-            remove_shm_buffers(port)
-    seconds = time.perf_counter() - started
-    print(f" {seconds:.0f} s", flush=True)
-    if returncode != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
-        raise BenchmarkError(f"{label} failed with exit {returncode}; last lines of {log}:\n{tail}")
-    return seconds
-
-
-# --------------------------------------------------------------------------------------------------
 # The measurements
 # --------------------------------------------------------------------------------------------------
 
@@ -359,7 +247,7 @@ def run_ours_speed(assets: Assets, settings: Settings, work: Path, index: int) -
     output_dir = work / f"ours_train_{index}"
     config = work / f"ours_train_{index}.json"
     config.write_text(json.dumps(ours_run_config(assets, settings, output_dir, eval_samples=None), indent=2))
-    wall = launch(f"ours_train_{index}", REPO / "train.py", ["--config", str(config)], work)
+    wall = launch(f"ours_train_{index}", REPO / "train.py", ["--config", str(config)], work).seconds
     check_setup("cpt-ds", ours_setup(work / f"ours_train_{index}.log"), settings, work / f"ours_train_{index}.log")
     step_seconds, first = ours_step_seconds(output_dir / "metrics.jsonl", settings)
     shutil.rmtree(output_dir / f"step-{settings.max_steps:08d}", ignore_errors=True)  # the final checkpoint
@@ -372,7 +260,7 @@ def run_baseline_speed(assets: Assets, settings: Settings, work: Path, index: in
     result = work / f"baseline_train_{index}.rank0.json"
     wall = launch(f"baseline_train_{index}", BASELINE_SCRIPT,
                   ["--spec", str(spec), "--mode", "train", "--output_dir", str(work / f"baseline_train_{index}"),
-                   "--result", str(work / f"baseline_train_{index}.rank{{rank}}.json")], work)
+                   "--result", str(work / f"baseline_train_{index}.rank{{rank}}.json")], work).seconds
     numbers = json.loads(result.read_text())
     check_setup("the baseline", numbers, settings, work / f"baseline_train_{index}.log")
     window = range(settings.window_start + 1, settings.max_steps + 1)
@@ -424,19 +312,8 @@ def run_baseline_eval(assets: Assets, settings: Settings, work: Path, eval_sampl
 # --------------------------------------------------------------------------------------------------
 
 
-def ratio_text(ours: float, baseline: float) -> str:
-    return f"{ours / baseline:.2f}x" if baseline > 0 else "-"
-
-
-def report(settings: Settings, assets: Assets, ours_speed: list[SpeedRun], baseline_speed: list[SpeedRun],
-           ours_eval: dict[int, EvalRun], baseline_eval: dict[int, EvalRun]) -> bool:
-    """Print the table and the targets; returns whether every target was met."""
+def speed_rows(settings: Settings, ours: list[SpeedRun], baseline: list[SpeedRun]) -> list[Row]:
     tokens_per_step = settings.global_batch * settings.block_size
-    n_small, n_large = sorted(ours_eval)
-    rows: list[tuple[str, str, str, str]] = []
-
-    def row(name: str, ours: float, baseline: float, fmt: str, ratio: bool = True) -> None:
-        rows.append((name, format(ours, fmt), format(baseline, fmt), ratio_text(ours, baseline) if ratio else ""))
 
     def median_rate(runs: list[SpeedRun]) -> float:
         return tokens_per_step / statistics.median(seconds for run in runs for seconds in run.step_seconds)
@@ -444,62 +321,77 @@ def report(settings: Settings, assets: Assets, ours_speed: list[SpeedRun], basel
     def mean_rates(runs: list[SpeedRun]) -> list[float]:
         return [tokens_per_step * len(run.step_seconds) / sum(run.step_seconds) for run in runs]
 
+    def fastest_rate(runs: list[SpeedRun]) -> float:
+        return tokens_per_step / min(seconds for run in runs for seconds in run.step_seconds)
+
     window = f"steps {settings.window_start + 1}-{settings.max_steps}"
-    row(f"train tokens/s, median step of {len(ours_speed)} launch(es), {window}", median_rate(ours_speed),
-        median_rate(baseline_speed), ",.0f")
-    row(f"train tokens/s, best launch's mean over {window}", max(mean_rates(ours_speed)),
-        max(mean_rates(baseline_speed)), ",.0f")
-    # On a shared machine the fastest steps are the ones no other job competed with.
-    row("train tokens/s, fastest step (least contended)",
-        tokens_per_step / min(seconds for run in ours_speed for seconds in run.step_seconds),
-        tokens_per_step / min(seconds for run in baseline_speed for seconds in run.step_seconds), ",.0f")
+    rows = [
+        side_row(f"train tokens/s, median step of {len(ours)} launch(es), {window}", median_rate(ours),
+                 median_rate(baseline), ",.0f"),
+        side_row(f"train tokens/s, best launch's mean over {window}", max(mean_rates(ours)),
+                 max(mean_rates(baseline)), ",.0f"),
+        # On a shared machine the fastest steps are the ones no other job competed with.
+        side_row("train tokens/s, fastest step (least contended)", fastest_rate(ours), fastest_rate(baseline), ",.0f")]
     if settings.repeats > 1:
-        rows.append(("train tokens/s, each launch's mean", ", ".join(f"{rate:,.0f}" for rate in mean_rates(ours_speed)),
-                     ", ".join(f"{rate:,.0f}" for rate in mean_rates(baseline_speed)), ""))
-    row("median seconds per step", tokens_per_step / median_rate(ours_speed),
-        tokens_per_step / median_rate(baseline_speed), ".3f")
-    row(f"whole launch, s ({settings.max_steps} steps, start-up included, fastest)",
-        min(run.launch_seconds for run in ours_speed), min(run.launch_seconds for run in baseline_speed), ".1f")
-    loss = [run.first_loss for run in ours_speed], [run.first_loss for run in baseline_speed]
+        rows.append(("train tokens/s, each launch's mean", ", ".join(f"{rate:,.0f}" for rate in mean_rates(ours)),
+                     ", ".join(f"{rate:,.0f}" for rate in mean_rates(baseline)), ""))
+    rows.append(side_row("median seconds per step", tokens_per_step / median_rate(ours),
+                         tokens_per_step / median_rate(baseline), ".3f"))
+    rows.append(side_row(f"whole launch, s ({settings.max_steps} steps, start-up included, fastest)",
+                         min(run.launch_seconds for run in ours), min(run.launch_seconds for run in baseline), ".1f"))
+    first = [ours[0].first_loss, baseline[0].first_loss]
     rows.append((f"step-1 train loss (same untrained model: both ~ ln {VOCAB_SIZE} = {math.log(VOCAB_SIZE):.2f})",
-                 f"{loss[0][0]:.4f}" if loss[0][0] is not None else "-",
-                 f"{loss[1][0]:.4f}" if loss[1][0] is not None else "-", ""))
-    for n in (n_small, n_large):
-        row(f"eval peak RSS growth, {n} windows, MiB (max over ranks)", ours_eval[n].growth_mib,
-            baseline_eval[n].growth_mib, ".1f")
-    ours_growth = ours_eval[n_large].growth_mib / ours_eval[n_small].growth_mib
-    base_growth = baseline_eval[n_large].growth_mib / baseline_eval[n_small].growth_mib
-    rows.append((f"eval peak, {n_large} / {n_small} windows", f"{ours_growth:.2f}x", f"{base_growth:.2f}x", ""))
-    tokens_added = (n_large - n_small) * settings.block_size
+                 *(f"{loss:.4f}" if loss is not None else "-" for loss in first), ""))
+    return rows
 
-    def per_token(runs: dict[int, EvalRun]) -> float:
-        return (runs[n_large].growth_mib - runs[n_small].growth_mib) * 2**20 / tokens_added
 
-    row("eval memory per extra eval token, bytes", per_token(ours_eval), per_token(baseline_eval), ".1f", ratio=False)
-    row("RSS before the eval, MiB", ours_eval[n_large].rss_before_mib, baseline_eval[n_large].rss_before_mib, ".0f")
+def bytes_per_eval_token(settings: Settings, runs: dict[int, EvalRun]) -> float:
+    """The slope of eval memory: growth from the N-window eval to the 10N one, per token added."""
+    n_small, n_large = sorted(runs)
+    return (runs[n_large].growth_mib - runs[n_small].growth_mib) * 2**20 / ((n_large - n_small) * settings.block_size)
 
+
+def eval_rows(settings: Settings, ours: dict[int, EvalRun], baseline: dict[int, EvalRun]) -> list[Row]:
+    n_small, n_large = sorted(ours)
+    rows = [side_row(f"eval peak RSS growth, {n} windows, MiB (max over ranks)", ours[n].growth_mib,
+                     baseline[n].growth_mib, ".1f") for n in (n_small, n_large)]
+    growth = [runs[n_large].growth_mib / runs[n_small].growth_mib for runs in (ours, baseline)]
+    rows.append((f"eval peak, {n_large} / {n_small} windows", f"{growth[0]:.2f}x", f"{growth[1]:.2f}x", ""))
+    rows.append(side_row("eval memory per extra eval token, bytes", bytes_per_eval_token(settings, ours),
+                         bytes_per_eval_token(settings, baseline), ".1f", ratio=False))
+    rows.append(side_row("RSS before the eval, MiB", ours[n_large].rss_before_mib, baseline[n_large].rss_before_mib,
+                         ".0f"))
+    return rows
+
+
+def report(settings: Settings, assets: Assets, ours_speed: list[SpeedRun], baseline_speed: list[SpeedRun],
+           ours_eval: dict[int, EvalRun], baseline_eval: dict[int, EvalRun]) -> bool:
+    """Print the table and the targets; returns whether every target was met."""
+    tokens_per_step = settings.global_batch * settings.block_size
     print(f"\nZeRO-{settings.zero_stage} {settings.precision}, {NUM_RANKS} CPU ranks, "
           f"micro-batch {settings.micro_batch} x block {settings.block_size} ({tokens_per_step:,} tokens/step), "
           f"model {json.dumps(BENCH_MODEL)}, token file of {assets.num_windows:,} windows\n")
-    print("| measure | cpt-ds | baseline (HF Trainer) | cpt-ds / baseline |")
-    print("|---|---:|---:|---:|")
-    for name, ours, baseline, ratio in rows:
-        print(f"| {name} | {ours} | {baseline} | {ratio} |")
-    at_scale = per_token(baseline_eval) * 10_000 * 1024 / 2**20
-    print(f"\nThe baseline keeps {per_token(baseline_eval):.0f} bytes per eval token per rank until "
-          f"compute_metrics (measured slope): an eval set of 10,000 windows of 1,024 tokens would add "
-          f"~{at_scale:,.0f} MiB per rank (extrapolated); cpt-ds keeps 3 integers.")
+    print_side_by_side(speed_rows(settings, ours_speed, baseline_speed) + eval_rows(settings, ours_eval, baseline_eval))
+    slope = bytes_per_eval_token(settings, baseline_eval)
+    print(f"\nThe baseline keeps {slope:.0f} bytes per eval token per rank until compute_metrics (measured "
+          f"slope): an eval set of 10,000 windows of 1,024 tokens would add ~{slope * 10_000 * 1024 / 2**20:,.0f} MiB "
+          "per rank (extrapolated); cpt-ds keeps 3 integers.")
 
-    speed_ratio = median_rate(ours_speed) / median_rate(baseline_speed)
+    def median_seconds(runs: list[SpeedRun]) -> float:
+        return statistics.median(seconds for run in runs for seconds in run.step_seconds)
+
+    n_small, n_large = sorted(ours_eval)
+    speed_ratio = median_seconds(baseline_speed) / median_seconds(ours_speed)
+    ours_growth = ours_eval[n_large].growth_mib / ours_eval[n_small].growth_mib
+    base_growth = baseline_eval[n_large].growth_mib / baseline_eval[n_small].growth_mib
     flat = ours_eval[n_large].growth_mib <= (1 + FLAT_TOLERANCE) * ours_eval[n_small].growth_mib
-    print("\n| target | measured | met |")
-    print("|---|---:|---|")
-    print(f"| train tokens/s cpt-ds / baseline >= {SPEED_TARGET}x (median steps) | {speed_ratio:.2f}x | "
-          f"{'yes' if speed_ratio >= SPEED_TARGET else 'NO'} |")
-    print(f"| cpt-ds eval peak flat from {n_small} to {n_large} windows (within {FLAT_TOLERANCE:.0%}) | "
-          f"{ours_growth:.2f}x | {'yes' if flat else 'NO'} |")
-    print(f"| (reference) baseline eval peak grows from {n_small} to {n_large} windows | {base_growth:.2f}x | "
-          f"{'yes' if base_growth > 1 + FLAT_TOLERANCE else 'no'} |")
+    print_targets([
+        (f"train tokens/s cpt-ds / baseline >= {SPEED_TARGET}x (median steps)", f"{speed_ratio:.2f}x",
+         speed_ratio >= SPEED_TARGET),
+        (f"cpt-ds eval peak flat from {n_small} to {n_large} windows (within {FLAT_TOLERANCE:.0%})",
+         f"{ours_growth:.2f}x", flat),
+        (f"(reference) baseline eval peak grows from {n_small} to {n_large} windows", f"{base_growth:.2f}x",
+         "yes" if base_growth > 1 + FLAT_TOLERANCE else "no")])
     return speed_ratio >= SPEED_TARGET and flat
 
 

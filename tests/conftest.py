@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ from typing import Any
 import pytest
 
 from cpt_ds.distributed import free_port, remove_shm_buffers
+from cpt_ds.launch import deepspeed_command, write_hostfile
+from cpt_ds.toy import TINY_MODEL, python_corpus_texts
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "train.py"
@@ -31,13 +32,6 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # The packer caches fast-encoder verdicts per tokenizer; the many tiny test tokenizers stay out of
 # the user's cache (launched processes inherit this too).
 os.environ.setdefault("CPT_DS_CACHE_DIR", tempfile.mkdtemp(prefix="cpt_ds_test_cache_"))
-
-# A toy LLaMA-3 shape (GQA 2:1, SwiGLU, RoPE theta 500k); dropout is switched on per test.
-TINY_MODEL = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 160,
-    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
-    "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False, "vocab_size": 512,
-}
 
 
 def ds_json(stage: int, *, micro: int = 4, accumulation: int = 1, **extra: Any) -> dict[str, Any]:
@@ -61,12 +55,6 @@ class Assets:
     ds: dict[str, Path]
 
 
-def _corpus_texts() -> list[str]:
-    from cpt_ds.quickstart import python_corpus_documents
-
-    return [text for documents in python_corpus_documents().values() for text in documents]
-
-
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
     import torch
@@ -76,7 +64,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
     from cpt_ds.pack.tiny_tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("assets")
-    texts = _corpus_texts()
+    texts = python_corpus_texts()
     tokenizer = train_tokenizer(texts, root / "tokenizer", vocab_size=TINY_MODEL["vocab_size"])
     half = len(texts) // 2
     for name, part in (("corpus", texts[:half]), ("corpus_b", texts[half:])):
@@ -155,12 +143,8 @@ class Launch:
 
 def launcher_command(script: Path, args: list[str], *, ranks: int, port: int, workdir: Path,
                      node_rank: int = 0, nodes: int = 1) -> list[str]:
-    hostfile = workdir / f"hostfile_{nodes}x{ranks}"
-    hostfile.write_text("".join(f"node{i} slots={ranks}\n" for i in range(nodes)) if nodes > 1
-                        else f"localhost slots={ranks}\n")
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
-            "--node_rank", str(node_rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
-            str(script), *args]
+    hostfile = write_hostfile(workdir / f"hostfile_{nodes}x{ranks}", slots=ranks, num_nodes=nodes)
+    return deepspeed_command(script, args, master_port=port, hostfile=hostfile, node_rank=node_rank)
 
 
 def launch_env() -> dict[str, str]:

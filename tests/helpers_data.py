@@ -1,4 +1,5 @@
-"""Shared data for the token-file, tokenizer and packing tests: real text, edge cases, tiny tokenizers."""
+"""Shared data for the token-file, tokenizer and packing tests: real text (cpt_ds/toy.py), edge cases, tiny
+tokenizers."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from cpt_ds.pack.tiny_tokenizer import train_tokenizer
+from cpt_ds.toy import chinese_documents, english_documents, tokenizer_training_texts
 
-ASSETS = Path(__file__).resolve().parents[1] / "cpt_ds" / "assets"
 REPO = Path(__file__).resolve().parents[1]
 # The real LLaMA-3 tokenizer sits in shared/ next to the repository; tests using it are optional extras.
 LLAMA3_TOKENIZER = REPO.parent / "shared" / "llama3-tokenizer"
@@ -38,25 +39,8 @@ EDGE_CASES = [
 ]
 
 
-def chinese_documents() -> list[str]:
-    """55 real Chinese documents (classics and modern sentences), see cpt_ds/assets/README.md."""
-    lines = (ASSETS / "zh_sample.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(line)["text"] for line in lines]
-
-
-def english_documents(count: int = 40) -> list[str]:
-    """Real English prose: topics of Python's reference manual, shipped with every CPython."""
-    from pydoc_data.topics import topics
-
-    return [topics[key] for key in sorted(topics)[:count]]
-
-
 def multilingual_documents() -> list[str]:
     return chinese_documents() + english_documents() + EDGE_CASES
-
-
-def tokenizer_training_texts() -> list[str]:
-    return chinese_documents() + english_documents(200)
 
 
 def train_tiny_tokenizer(folder: Path, vocab_size: int = 1024) -> Path:

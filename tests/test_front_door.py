@@ -1,5 +1,6 @@
-"""The front door: the precision the quick start picks, the bf16-on-CPU warning, the test command on a
-fresh venv, and that every relative link of README.md and docs/ resolves."""
+"""The front door: the precision the quick start picks and the workdirs it refuses to delete, the
+bf16-on-CPU warning, the test command on a fresh venv, and that every relative link of README.md and
+docs/ resolves."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import logging
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO, run_config
+from helpers_data import load_tool
 
 from cpt_ds import hardware
 from cpt_ds.config import RunConfig
@@ -63,19 +66,66 @@ def test_preflight_warns_once_about_emulated_bf16(assets, tmp_path, monkeypatch,
 def test_quick_start_trains_fp32_on_cpus_and_bf16_on_gpus(monkeypatch):
     import torch
 
-    from cpt_ds import quickstart
+    from cpt_ds.toy import choose_precision
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for flags in (AVX2_ONLY, SAPPHIRE_RAPIDS):  # even a CPU with native bf16 gains nothing on tiny matmuls
         monkeypatch.setattr(hardware, "cpu_flags", lambda *args, f=flags: f)
-        device, precision, ds_json = quickstart.choose_precision()
-        assert device.startswith("cpu") and precision == "fp32" and ds_json.name == "zero2_fp32.json"
+        device, precision, ds_json = choose_precision()
+        assert device.startswith("cpu") and precision == "fp32" and ds_json == "zero2_fp32.json"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "NVIDIA H100")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
-    assert quickstart.choose_precision() == ("cuda (NVIDIA H100)", "bf16", REPO / "ds_configs" / "zero2.json")
+    assert choose_precision() == ("cuda (NVIDIA H100)", "bf16", "zero2.json")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
-    assert quickstart.choose_precision()[1:] == ("fp32", REPO / "ds_configs" / "zero2_fp32.json")
+    assert choose_precision()[1:] == ("fp32", "zero2_fp32.json")
+    assert all((REPO / "ds_configs" / name).is_file() for name in ("zero2.json", "zero2_fp32.json"))
+
+
+def quickstart(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """tools/quickstart.py as users run it; these calls end before any training."""
+    return subprocess.run([sys.executable, str(REPO / "tools" / "quickstart.py"), *args], cwd=cwd,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("inside", ["notes.txt", "train.py"])
+def test_quick_start_refuses_a_workdir_it_did_not_make(tmp_path, inside):
+    """A folder holding anything the quick start did not make (a checkout, as with --workdir .) stays intact."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / inside).write_text("keep me\n")
+    done = quickstart("--workdir", str(folder))
+    assert done.returncode == 2, done.stdout[-3000:]
+    assert f"--workdir {folder} is not empty and was not made by the quick start" in done.stdout
+    assert "pass a new or empty folder" in done.stdout and "Traceback" not in done.stdout
+    assert [p.name for p in folder.iterdir()] == [inside] and (folder / inside).read_text() == "keep me\n"
+
+
+def test_quick_start_refuses_the_current_folder(tmp_path):
+    (tmp_path / "README.md").write_text("a checkout\n")
+    done = quickstart("--workdir", ".", cwd=tmp_path)
+    assert done.returncode == 2 and f"--workdir {tmp_path.resolve()} is not empty" in done.stdout, done.stdout
+    assert (tmp_path / "README.md").read_text() == "a checkout\n"
+
+
+def test_quick_start_remakes_only_its_own_workdir(tmp_path):
+    qs = load_tool("quickstart")
+    work = tmp_path / "qs"
+    qs.prepare_workdir(work)  # new folder: made and marked
+    assert [p.name for p in work.iterdir()] == [qs.MARKER]
+    (work / "corpus").mkdir()
+    (work / "corpus" / "old.jsonl").write_text("{}\n")
+    qs.prepare_workdir(work)  # a rerun over its own workdir starts afresh
+    assert [p.name for p in work.iterdir()] == [qs.MARKER]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    qs.prepare_workdir(empty)  # an empty folder is used as it is
+    assert (empty / qs.MARKER).is_file()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(qs.UsageError, match="is a file"):
+        qs.prepare_workdir(tmp_path / "file")
+    assert qs.eval_steps_for(50) == 10 and qs.eval_steps_for(3) == 1
 
 
 LINK = re.compile(r"(?<!\!)\[[^\]]*\]\(([^)\s]+)\)")

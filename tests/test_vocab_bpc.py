@@ -9,55 +9,19 @@ sub-token-mean init must cost fewer bits per character than the mean-of-all init
 
 from __future__ import annotations
 
-import json
-import math
-from pathlib import Path
-
 import torch
 
-from helpers_data import chinese_documents, english_documents
-
-SEQ = 64
-HELD_OUT_EVERY = 5  # every 5th Chinese document is held out (whole documents)
-
-
-def encode_documents(tokenizer_dir: Path, texts: list[str]) -> list[list[int]]:
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
-    tokenizer.encode_special_tokens = True
-    return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
-
-
-def bits_per_char(model, documents: list[list[int]], texts: list[str], bos: int, window: int = 128) -> float:
-    """Sum of next-token losses / ln 2 / characters; windows overlap by one token, so every token
-    after BOS is predicted exactly once."""
-    total = 0.0
-    model.eval()
-    with torch.no_grad():
-        for ids in documents:
-            ids = [bos] + ids
-            for start in range(0, len(ids) - 1, window - 1):
-                chunk = torch.tensor([ids[start:start + window]])
-                logits = model(input_ids=chunk).logits.float()
-                total += torch.nn.functional.cross_entropy(logits[0, :-1], chunk[0, 1:], reduction="sum").item()
-    return total / math.log(2) / sum(len(t) for t in texts)
-
-
-def pretrain(model, documents: list[list[int]], *, bos: int, eos: int, steps: int, seed: int = 0) -> None:
-    stream = torch.tensor([t for ids in documents for t in [bos, *ids, eos]])
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    model.train()
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = 3e-3 * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - step / steps))
-        starts = torch.randint(0, stream.numel() - SEQ - 1, (16,), generator=generator)
-        batch = torch.stack([stream[s:s + SEQ + 1] for s in starts.tolist()])
-        loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss  # HF shifts the labels itself
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+from cpt_ds.toy import (
+    HELD_OUT_EVERY,
+    TINY_MODEL,
+    bits_per_char,
+    chinese_documents,
+    encode_documents,
+    english_documents,
+    held_out_split,
+    pretrain,
+    write_jsonl_texts,
+)
 
 
 def test_sub_token_mean_init_beats_the_mean_of_all_rows(tiny_dir, tmp_path):
@@ -66,13 +30,8 @@ def test_sub_token_mean_init_beats_the_mean_of_all_rows(tiny_dir, tmp_path):
     from cpt_ds.model import resize_embeddings
     from cpt_ds.pack.extend_vocab import ExtendOptions, extend_vocabulary
 
-    from conftest import TINY_MODEL
-
-    chinese = chinese_documents()
-    held_out = chinese[::HELD_OUT_EVERY]
-    train_zh = [t for i, t in enumerate(chinese) if i % HELD_OUT_EVERY]
-    domain = tmp_path / "zh_train.jsonl"
-    domain.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in train_zh), encoding="utf-8")
+    train_zh, held_out = held_out_split(chinese_documents(), every=HELD_OUT_EVERY)
+    domain = write_jsonl_texts(tmp_path / "zh_train.jsonl", train_zh)
     extended = tmp_path / "extended"
     extend_vocabulary(tiny_dir, [domain], extended, ExtendOptions(num_new_tokens=200, eval_fraction=0.0))
 

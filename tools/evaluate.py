@@ -6,9 +6,10 @@
 Each ``--data`` is one set (named like train.py names eval_data_path sets); one row per set and the
 token-weighted total. ``--max_samples`` applies to each set.
 
-Uses the training code's samples, document attention, chunked loss and distributed metrics (all-reduced sums, never gathered logits),
-so on the same samples it reproduces the eval_loss that train.py logged. ``--model`` may be a full
-model folder or a peft adapter folder (its base model is loaded from the adapter's config).
+Uses the training code's samples, document attention, chunked loss and distributed metrics
+(all-reduced sums, never gathered logits), so on the same samples it reproduces the eval_loss that
+train.py logged. ``--model`` may be a full model folder or a peft adapter folder (its base model is
+loaded from the adapter's config).
 """
 
 from __future__ import annotations
@@ -21,24 +22,27 @@ from pathlib import Path
 
 import torch
 
-from cpt_ds.config import ModelConfig
-from cpt_ds.data.blend import parse_named_paths
-from cpt_ds.data.loader import eval_batches
-from cpt_ds.data.windows import PackedSamples, TokenStream
-from cpt_ds.distributed import device, exit_process, init_distributed, setup_logging
-from cpt_ds.export import exported_document_attention, load_exported_model
-from cpt_ds.loss import LossSettings, attach_loss_forward
-from cpt_ds.metrics import evaluate_sets, total_metrics
-from cpt_ds.model import attention_implementation
-from cpt_ds.preflight import sidecar_tokenizer_fingerprint
-from cpt_ds.token_file import IndexedTokenFile, TokenFileError
-from cpt_ds.tokenizer import tokenizer_files, tokenizer_fingerprint
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from cpt_ds.cli import UsageError, run_tool  # noqa: E402
+from cpt_ds.config import ModelConfig  # noqa: E402
+from cpt_ds.data.blend import parse_named_paths  # noqa: E402
+from cpt_ds.data.loader import eval_batches  # noqa: E402
+from cpt_ds.data.windows import PackedSamples, TokenStream  # noqa: E402
+from cpt_ds.distributed import device, exit_process, init_distributed, setup_logging  # noqa: E402
+from cpt_ds.export import exported_document_attention, load_exported_model  # noqa: E402
+from cpt_ds.loss import LossSettings, attach_loss_forward  # noqa: E402
+from cpt_ds.metrics import evaluate_sets, total_metrics  # noqa: E402
+from cpt_ds.model import attention_implementation  # noqa: E402
+from cpt_ds.preflight import sidecar_tokenizer_fingerprint  # noqa: E402
+from cpt_ds.token_file import IndexedTokenFile, TokenFileError  # noqa: E402
+from cpt_ds.tokenizer import TokenizerError, tokenizer_fingerprint  # noqa: E402
 
 logger = logging.getLogger("cpt_ds.evaluate")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="Hugging Face model folder or peft adapter folder")
     parser.add_argument("--data", required=True, action="append",
@@ -57,37 +61,44 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.loss_chunk_size < 0:
         parser.error(f"--loss_chunk_size must be >= 0, got {args.loss_chunk_size}")
+    return args
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     rank, world_size, _ = init_distributed()
     setup_logging(rank)
-    folder = Path(args.model)
+    return run_tool(lambda: evaluate(args, rank, world_size), TokenFileError)
+
+
+def load_samples(args: argparse.Namespace, folder: Path) -> dict[str, PackedSamples]:
+    """The ``--data`` sets, checked against the model folder: present, packed with its tokenizer, long enough."""
     named, problems = parse_named_paths(args.data, "--data")
     if problems:
-        print(f"error: {'; '.join(problems)}", file=sys.stderr)
-        return 2
-    try:
-        sets = {name: IndexedTokenFile(prefix) for name, prefix in named}
-    except TokenFileError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    files = list(sets.values())
+        raise UsageError("; ".join(problems))
+    sets = {name: IndexedTokenFile(prefix) for name, prefix in named}
     if not folder.is_dir():
-        print(f"error: --model {folder} does not exist", file=sys.stderr)
-        return 2
-    fingerprint = tokenizer_fingerprint(folder) if _has_tokenizer(folder) else None
-    for file in files:
+        raise UsageError(f"--model {folder} does not exist")
+    try:
+        fingerprint = tokenizer_fingerprint(folder)
+    except TokenizerError:  # an adapter folder may hold no tokenizer: then there is nothing to compare
+        fingerprint = None
+    for file in sets.values():
         packed_with = sidecar_tokenizer_fingerprint(file.meta)
         if fingerprint and packed_with and packed_with != fingerprint:
-            print(f"error: {file.json_path} was packed with tokenizer {packed_with[:12]}, but {folder} holds "
-                  f"tokenizer {fingerprint[:12]}; evaluate on a file packed with the model's tokenizer",
-                  file=sys.stderr)
-            return 2
+            raise UsageError(f"{file.json_path} was packed with tokenizer {packed_with[:12]}, but {folder} holds "
+                             f"tokenizer {fingerprint[:12]}; evaluate on a file packed with the model's tokenizer")
     samples = {name: PackedSamples(TokenStream.whole([file]), args.block_size, args.max_samples)
                for name, file in sets.items()}
     small = [f"{name} ({sets[name].bin_path})" for name, part in samples.items() if len(part) == 0]
     if small:
-        print(f"error: {', '.join(small)} hold fewer than block_size {args.block_size} + 1 tokens", file=sys.stderr)
-        return 2
+        raise UsageError(f"{', '.join(small)} hold fewer than block_size {args.block_size} + 1 tokens")
+    return samples
+
+
+def evaluate(args: argparse.Namespace, rank: int, world_size: int) -> None:
+    folder = Path(args.model)
+    samples = load_samples(args, folder)
     if args.document_attention is not None:
         document_attention = args.document_attention == "true"
     else:
@@ -113,15 +124,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:24} {m.loss:8.4f} {m.accuracy:9.4f} {m.perplexity:11.2f} {m.tokens:10,}")
         if args.output:
             Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
-    return 0
-
-
-def _has_tokenizer(folder: Path) -> bool:
-    try:
-        tokenizer_files(folder)
-    except ValueError:
-        return False
-    return True
 
 
 if __name__ == "__main__":

@@ -16,8 +16,11 @@ import logging
 import sys
 from pathlib import Path
 
-from cpt_ds.checkpoint import CheckpointError, newest_complete
-from cpt_ds.export import DTYPE_NAMES, export_checkpoint
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from cpt_ds.checkpoint import CheckpointError, newest_complete  # noqa: E402
+from cpt_ds.cli import UsageError, run_tool  # noqa: E402
+from cpt_ds.export import DTYPE_NAMES, export_checkpoint  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,26 +33,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run_tool(lambda: export(args), CheckpointError, FileExistsError)
 
+
+def export(args: argparse.Namespace) -> None:
     checkpoint = Path(args.checkpoint)
     if checkpoint.is_dir() and not checkpoint.name.startswith("step-"):
         newest = newest_complete(checkpoint)
         if newest is None:
-            print(f"error: {checkpoint} holds no complete step-NNNNNNNN checkpoint", file=sys.stderr)
-            return 2
+            raise UsageError(f"{checkpoint} holds no complete step-NNNNNNNN checkpoint")
         checkpoint = newest
     if not checkpoint.is_dir():
-        print(f"error: checkpoint {checkpoint} does not exist; pass a step-NNNNNNNN folder or an output_dir",
-              file=sys.stderr)
-        return 2
-    try:
-        output = export_checkpoint(checkpoint, args.output, merge_lora=args.merge_lora, dtype=args.dtype,
-                                   overwrite=args.overwrite)
-    except (CheckpointError, FileExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        raise UsageError(f"checkpoint {checkpoint} does not exist; pass a step-NNNNNNNN folder or an output_dir")
+    output = export_checkpoint(checkpoint, args.output, merge_lora=args.merge_lora, dtype=args.dtype,
+                               overwrite=args.overwrite)
     print(f"exported {checkpoint} -> {output}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -16,6 +16,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from cpt_ds.cli import run_tool  # noqa: E402
+
 
 def read_records(metrics: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """``(training records, eval records)`` in step order, one per step (the newest wins)."""
@@ -52,6 +56,11 @@ def tokens_seen_at(train: list[dict[str, Any]], step: int) -> float | None:
     return last_tokens * step / last_step
 
 
+def run_title(output_dir: Path) -> str:
+    """The figure's title: the run's folder name (``cpt``), not the whole path."""
+    return output_dir.resolve().name
+
+
 def plot_run(output_dir: Path, output: Path):
     """Write the PNG; returns the matplotlib figure (its axes carry one labelled line per curve)."""
     try:
@@ -70,29 +79,9 @@ def plot_run(output_dir: Path, output: Path):
 
     figure, axes = plt.subplots(2, 3, figsize=(16, 8.5))
     (loss_step, eval_step, lr_axis), (loss_tokens, eval_tokens, speed_axis) = axes
+    _plot_training_loss(train, loss_step, loss_tokens)
+    _plot_eval_loss(train, evals, eval_step, eval_tokens)
     steps = [r["step"] for r in train]
-    tokens = [r.get("tokens_seen") for r in train]
-    has_tokens = bool(train) and all(value is not None for value in tokens)
-    corpora = sorted({name for r in train for name in r.get("corpora", {})})
-    for axis, xs in ((loss_step, steps), (loss_tokens, tokens if has_tokens else None)):
-        if xs is None:
-            continue
-        axis.plot(xs, [r["loss"] for r in train], label="all", color="black", linewidth=1.6)
-        if len(corpora) > 1:
-            for name in corpora:
-                points = [(x, r["corpora"][name]["loss"]) for x, r in zip(xs, train)
-                          if r.get("corpora", {}).get(name, {}).get("tokens")]
-                axis.plot([p[0] for p in points], [p[1] for p in points], label=name, linewidth=1.0)
-    sets = sorted({name for r in evals for name in r.get("sets", {})})
-    eval_x_tokens = [tokens_seen_at(train, r["step"]) for r in evals]
-    for axis, xs in ((eval_step, [r["step"] for r in evals]),
-                     (eval_tokens, eval_x_tokens if all(x is not None for x in eval_x_tokens) else None)):
-        if xs is None or not evals:
-            continue
-        for name in sets or ["all"]:
-            points = [(x, r["sets"][name]["eval_loss"] if sets else r["eval_loss"]) for x, r in zip(xs, evals)
-                      if not sets or name in r.get("sets", {})]
-            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=name)
     lr_axis.plot(steps, [r["lr"] for r in train], label="learning rate", color="tab:purple")
     speed_axis.plot(steps, [r["tokens_per_second"] for r in train], label="tokens/s", color="tab:green")
     titles = {loss_step: ("training loss", "step"), loss_tokens: ("training loss", "tokens seen"),
@@ -104,7 +93,7 @@ def plot_run(output_dir: Path, output: Path):
         axis.grid(alpha=0.3)
         if axis.get_lines():
             axis.legend(fontsize=8)
-    figure.suptitle(str(output_dir))
+    figure.suptitle(run_title(output_dir))
     figure.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
     temporary = output.with_name(output.name + ".tmp.png")
@@ -113,19 +102,49 @@ def plot_run(output_dir: Path, output: Path):
     return figure
 
 
+def _plot_training_loss(train: list[dict[str, Any]], by_step, by_tokens) -> None:
+    """The global training loss and, for a blend, one curve per corpus; against steps and tokens seen."""
+    steps = [r["step"] for r in train]
+    tokens = [r.get("tokens_seen") for r in train]
+    has_tokens = bool(train) and all(value is not None for value in tokens)
+    corpora = sorted({name for r in train for name in r.get("corpora", {})})
+    for axis, xs in ((by_step, steps), (by_tokens, tokens if has_tokens else None)):
+        if xs is None:
+            continue
+        axis.plot(xs, [r["loss"] for r in train], label="all", color="black", linewidth=1.6)
+        if len(corpora) > 1:
+            for name in corpora:
+                points = [(x, r["corpora"][name]["loss"]) for x, r in zip(xs, train)
+                          if r.get("corpora", {}).get(name, {}).get("tokens")]
+                axis.plot([p[0] for p in points], [p[1] for p in points], label=name, linewidth=1.0)
+
+
+def _plot_eval_loss(train: list[dict[str, Any]], evals: list[dict[str, Any]], by_step, by_tokens) -> None:
+    """One eval-loss curve per set (or the total when the run has no named sets)."""
+    sets = sorted({name for r in evals for name in r.get("sets", {})})
+    eval_x_tokens = [tokens_seen_at(train, r["step"]) for r in evals]
+    for axis, xs in ((by_step, [r["step"] for r in evals]),
+                     (by_tokens, eval_x_tokens if all(x is not None for x in eval_x_tokens) else None)):
+        if xs is None or not evals:
+            continue
+        for name in sets or ["all"]:
+            points = [(x, r["sets"][name]["eval_loss"] if sets else r["eval_loss"]) for x, r in zip(xs, evals)
+                      if not sets or name in r.get("sets", {})]
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=name)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output_dir", type=Path, help="a train.py output_dir (holds metrics.jsonl)")
     parser.add_argument("--output", type=Path, default=None, help="PNG to write (default OUTPUT_DIR/metrics.png)")
     args = parser.parse_args(argv)
     output = args.output or args.output_dir / "metrics.png"
-    try:
+
+    def plot() -> None:
         plot_run(args.output_dir, output)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {output}")
-    return 0
+        print(f"wrote {output}")
+
+    return run_tool(plot, ValueError)
 
 
 if __name__ == "__main__":

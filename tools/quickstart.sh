@@ -4,7 +4,7 @@
 # trained with ZeRO-2 on 2 ranks through the deepspeed launcher -> loss/accuracy/perplexity before
 # and after. CPU or GPU; a few minutes on a 2-core CPU.
 #
-#   bash tools/quickstart.sh [--workdir quickstart_out] [--max_steps 300]
+#   bash tools/quickstart.sh [--workdir quickstart_out] [--pretrain_steps 70] [--cpt_steps 50]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,4 +19,4 @@ python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.13.0
 # The plot extra: the quick start ends by drawing the run (tools/plot_run.py).
 python -m pip install -q -e ".[plot]"
-exec python -m cpt_ds.quickstart "$@"
+exec python tools/quickstart.py "$@"
