@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from cpt_ds.pack.cli import add_input_options, run_tool  # noqa: E402
+from cpt_ds.pack.cli import add_input_options, run_corpus_tool  # noqa: E402
 from cpt_ds.pack.extend_vocab import ExtendOptions, ExtendResult, VocabExtensionError, extend_vocabulary  # noqa: E402
 from cpt_ds.tokenizer import TokenizerError  # noqa: E402
 
@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         return extend_vocabulary(args.tokenizer, args.input, args.output, options, workers=args.workers,
                                  progress=not args.no_progress)
 
-    return run_tool("extend_vocab", extend, (VocabExtensionError, TokenizerError),
-                    interrupted="no output was written")
+    return run_corpus_tool("extend_vocab", extend, (VocabExtensionError, TokenizerError),
+                           interrupted="no output was written")
 
 
 if __name__ == "__main__":

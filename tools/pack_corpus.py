@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from cpt_ds.pack.cli import add_input_options, run_tool  # noqa: E402
+from cpt_ds.pack.cli import add_input_options, run_corpus_tool  # noqa: E402
 from cpt_ds.pack.packing import (  # noqa: E402
     BOS_POLICIES,
     DEFAULT_CHECKPOINT_SECONDS,
@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                            overwrite=args.overwrite, chunk_bytes=args.chunk_kb << 10, progress=not args.no_progress,
                            resume=not args.no_resume, shard=shard, checkpoint_seconds=args.checkpoint_seconds)
 
-    return run_tool("pack_corpus", pack, (PackError, TokenizerError, TokenFileError),
-                    interrupted="no output was written; run the same command again to resume")
+    return run_corpus_tool("pack_corpus", pack, (PackError, TokenizerError, TokenFileError),
+                           interrupted="no output was written; run the same command again to resume")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from typing import Protocol
 
+from cpt_ds.cli import run_tool
 from cpt_ds.pack.sources import ENCODING_ERRORS, TXT_UNITS
 from cpt_ds.pack.workers import default_workers
 
@@ -36,21 +37,23 @@ def add_input_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def run_tool(name: str, work: Callable[[], Formattable], errors: tuple[type[Exception], ...], *,
-             interrupted: str) -> int:
+def run_corpus_tool(name: str, work: Callable[[], Formattable], errors: tuple[type[Exception], ...], *,
+                    interrupted: str) -> int:
     """Run ``work`` with INFO logging to stderr and print its result's ``format()``; the exit status.
 
     An error of the types ``errors`` (the user's to fix: their messages name the file and the fix) is
-    printed without a traceback (status 2); Ctrl-C prints ``interrupted`` (status 130).
+    printed without a traceback (status 2, through ``cpt_ds.cli.run_tool``); Ctrl-C prints
+    ``interrupted`` (status 130).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    try:
-        result = work()
-    except errors as error:
-        print(f"{name}: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{name}: interrupted; {interrupted}", file=sys.stderr)
-        return 130
-    print(result.format())
-    return 0
+
+    def work_and_report() -> int:
+        try:
+            result = work()
+        except KeyboardInterrupt:
+            print(f"{name}: interrupted; {interrupted}", file=sys.stderr)
+            return 130
+        print(result.format())
+        return 0
+
+    return run_tool(work_and_report, *errors, name=name)
