@@ -231,3 +231,18 @@ def test_rng_file_with_other_objects_is_refused(tmp_path):
     torch.save({"python": Payload()}, file, pickle_module=pickle)
     with pytest.raises(CheckpointError, match="rng_state_0.pt holds objects other than tensors"):
         load_rng_file(file)
+
+
+def test_a_data_error_ends_train_py_with_exit_2_and_one_line(monkeypatch, capsys):
+    """E.g. "cannot resume the data position" from TrainLoader.load_state_dict: a user error, no traceback."""
+    import train
+    from cpt_ds.data import DataError
+
+    def refuse(config):
+        raise DataError("cannot resume the data position: the data changed; restore it or start fresh")
+
+    monkeypatch.setattr(train.RunConfig, "load", staticmethod(lambda argv: None))
+    monkeypatch.setattr(train, "Trainer", refuse)
+    assert train.main([]) == 2
+    assert capsys.readouterr().err == ("error (rank 0): cannot resume the data position: the data changed; "
+                                       "restore it or start fresh\n")
