@@ -65,6 +65,8 @@ class NonFiniteGradientError(DivergedError):
 
 
 class Trainer:
+    """Set up (data, resume plan, engine), resume, ``train()`` step by step, export; ``close()`` at the end."""
+
     def __init__(self, config: RunConfig):
         self.config = config
         self.rank, self.world_size, self.local_rank = init_distributed(config.train.dist_timeout_minutes)
