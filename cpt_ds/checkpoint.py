@@ -385,8 +385,11 @@ def repair_zero3_universal_load(engine: Any, universal_path: Path) -> None:
       correction: give each its own copy.
     """
     file = universal_path / "zero" / "optimizer_state.pt"
-    # Written by ds_to_universal: the optimizer's state_dict (tensors, numbers, lists, dicts) and no objects.
-    saved = torch.load(file, map_location="cpu", weights_only=True)
+    # Not weights_only: ds_to_universal pickles DeepSpeed objects into this file (its ZeroStageEnum among
+    # them), and DeepSpeed's own load_checkpoint has just unpickled this very file with
+    # weights_only=False, so reading it again trusts nothing new (docs/training.md, what a checkpoint
+    # asks you to trust).
+    saved = torch.load(file, map_location="cpu", weights_only=False)
     saved_groups = saved["optimizer_state_dict"]["param_groups"]
     inner = engine.optimizer.optimizer
     if len(saved_groups) != len(inner.param_groups):
