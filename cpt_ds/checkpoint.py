@@ -51,6 +51,7 @@ FORMAT_VERSION = 1
 CLIENT_FORMAT_VERSION = 1
 """The format of our client state (``client_state["cpt_ds"]`` in DeepSpeed's model-states file)."""
 MODEL_STATES_FILE = "mp_rank_00_model_states.pt"
+ZERO3_MODEL_STATES_FILE = "zero_pp_rank_0_mp_rank_00_model_states.pt"  # ZeRO-3 names rank 0's file so
 
 
 class CheckpointError(ValueError):
@@ -89,13 +90,23 @@ def read_checked_marker(path: Path) -> dict[str, Any]:
     return marker
 
 
+def client_state_file(path: Path) -> Path:
+    """The DeepSpeed file of checkpoint ``path`` that holds the client state (rank 0's model states)."""
+    zero3 = path / ZERO3_MODEL_STATES_FILE
+    return zero3 if zero3.is_file() else path / MODEL_STATES_FILE
+
+
 def saved_client_state(path: Path) -> dict[str, Any]:
     """Our client state in checkpoint ``path`` (read without loading DeepSpeed), format checked."""
+    file = client_state_file(path)
+    if not file.is_file():
+        raise CheckpointError(f"{path} has no {MODEL_STATES_FILE} or {ZERO3_MODEL_STATES_FILE}; pass a "
+                              "step-NNNNNNNN folder written by train.py")
     # mmap: the file may hold the whole model (ZeRO-0/1/2); only the small client state is read.
-    state = torch.load(path / MODEL_STATES_FILE, map_location="cpu", weights_only=True, mmap=True)
+    state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     if "cpt_ds" not in state:
-        raise CheckpointError(f"{path / MODEL_STATES_FILE} holds no cpt-ds client state; it was not written by train.py")
-    check_format_version(path / MODEL_STATES_FILE, state["cpt_ds"].get("format_version"), CLIENT_FORMAT_VERSION)
+        raise CheckpointError(f"{file} holds no cpt-ds client state; it was not written by train.py")
+    check_format_version(file, state["cpt_ds"].get("format_version"), CLIENT_FORMAT_VERSION)
     return state["cpt_ds"]
 
 
@@ -341,7 +352,7 @@ class Checkpointer:
         if client_state is None or "cpt_ds" not in client_state:
             raise CheckpointError(f"{load_path} holds no cpt-ds client state; it was not written by train.py")
         state = client_state["cpt_ds"]
-        check_format_version(load_path / MODEL_STATES_FILE, state.get("format_version"), CLIENT_FORMAT_VERSION)
+        check_format_version(client_state_file(load_path), state.get("format_version"), CLIENT_FORMAT_VERSION)
         if universal and zero_stage == 3:
             repair_zero3_universal_load(engine, load_path)
         if is_peft:

@@ -16,6 +16,7 @@ from cpt_ds.checkpoint import (
     COMPLETE_MARKER,
     FORMAT_VERSION,
     MODEL_STATES_FILE,
+    ZERO3_MODEL_STATES_FILE,
     CheckpointError,
     load_rng_file,
     read_checked_marker,
@@ -196,6 +197,10 @@ def test_client_state_format_version_is_checked(tmp_path):
     with pytest.raises(CheckpointError, match=rf"{MODEL_STATES_FILE} has format_version 2, but cpt-ds .* reads "
                                               "format_version 1"):
         saved_client_state(tmp_path)
+    zero3 = tmp_path / "zero3"  # ZeRO-3 names rank 0's model-states file differently
+    zero3.mkdir()
+    torch.save({"module": None, "cpt_ds": {"format_version": 1, "step": 5}}, zero3 / ZERO3_MODEL_STATES_FILE)
+    assert saved_client_state(zero3)["step"] == 5
 
 
 def draws() -> list:
