@@ -51,7 +51,7 @@ FORMAT_VERSION = 1
 CLIENT_FORMAT_VERSION = 1
 """The format of our client state (``client_state["cpt_ds"]`` in DeepSpeed's model-states file)."""
 MODEL_STATES_FILE = "mp_rank_00_model_states.pt"
-ZERO3_MODEL_STATES_FILE = "zero_pp_rank_0_mp_rank_00_model_states.pt"  # ZeRO-3 names rank 0's file so
+ZERO3_MODEL_STATES_FILE = "zero_pp_rank_0_mp_rank_00_model_states.pt"  # the same under ZeRO-3
 
 
 class CheckpointError(ValueError):
