@@ -11,11 +11,12 @@ import sys
 
 from cpt_ds.checkpoint import CheckpointError
 from cpt_ds.config import ConfigError, RunConfig
+from cpt_ds.data import DataError
 from cpt_ds.distributed import exit_process
 from cpt_ds.token_file import TokenFileError
 from cpt_ds.trainer import DivergedError, Trainer
 
-USER_ERRORS = (ConfigError, CheckpointError, TokenFileError)
+USER_ERRORS = (ConfigError, CheckpointError, DataError, TokenFileError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,12 +6,17 @@ writes ``latest`` before the other ranks finish (../shared/docs/RELIABILITY.md).
 
 - DeepSpeed's files (``engine.save_checkpoint(..., save_latest=False)``) with our client state
   (step, consumed_samples, fingerprints, world size, run config);
-- ``rng_state_<rank>.pt`` per rank (python, numpy, torch, cuda), written via temp + rename;
+- ``rng_state_<rank>.pt`` per rank (python, numpy, torch, cuda) as tensors and plain values only, so it
+  loads with ``torch.load(weights_only=True)``; written via temp + rename;
 - ``cpt_ds_complete.json``, the completeness marker, written last by rank 0 after every rank has
   written and fsynced its files and passed a barrier. It lists every file with size and sha256.
 
 A folder without the marker does not exist for resume and is deleted by the next save. ``latest``
 (DeepSpeed's own format, so zero_to_fp32 and friends keep working) moves only after the marker.
+
+Loading (``Checkpointer.load``) also repairs what DeepSpeed's ZeRO-3 universal load gets wrong and checks
+that a non-strict (LoRA) load really found every trainable tensor. The rules about which checkpoint a
+run may resume from live in cpt_ds/resume.py.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -30,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cpt_ds import __version__
 from cpt_ds.distributed import all_gather_object, barrier, broadcast_object
 from cpt_ds.fileio import atomic_write_text, fsync_path, sha256_file
 
@@ -40,6 +47,11 @@ LATEST_FILE = "latest"
 UNIVERSAL_DIR = "universal"
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
 FORMAT_VERSION = 1
+"""The completion marker's format."""
+CLIENT_FORMAT_VERSION = 1
+"""The format of our client state (``client_state["cpt_ds"]`` in DeepSpeed's model-states file)."""
+MODEL_STATES_FILE = "mp_rank_00_model_states.pt"
+ZERO3_MODEL_STATES_FILE = "zero_pp_rank_0_mp_rank_00_model_states.pt"  # the same under ZeRO-3
 
 
 class CheckpointError(ValueError):
@@ -62,6 +74,40 @@ def read_marker(path: Path) -> dict[str, Any]:
                               "resume from an earlier checkpoint or use resume_from_checkpoint auto") from None
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path / COMPLETE_MARKER} is not valid JSON ({error}); the checkpoint is corrupt") from None
+
+
+def check_format_version(file: Path, found: Any, supported: int) -> None:
+    """Refuse a file written in a format this cpt-ds does not read (a newer cpt-ds, or not ours)."""
+    if found != supported:
+        raise CheckpointError(f"{file} has format_version {found!r}, but cpt-ds {__version__} reads format_version "
+                              f"{supported}; resume or export it with the cpt-ds version that wrote it")
+
+
+def read_checked_marker(path: Path) -> dict[str, Any]:
+    """The completion marker of ``path``, refused unless it is complete and in a format we read."""
+    marker = read_marker(path)
+    check_format_version(path / COMPLETE_MARKER, marker.get("format_version"), FORMAT_VERSION)
+    return marker
+
+
+def client_state_file(path: Path) -> Path:
+    """The DeepSpeed file of checkpoint ``path`` that holds the client state (rank 0's model states)."""
+    zero3 = path / ZERO3_MODEL_STATES_FILE
+    return zero3 if zero3.is_file() else path / MODEL_STATES_FILE
+
+
+def saved_client_state(path: Path) -> dict[str, Any]:
+    """Our client state in checkpoint ``path`` (read without loading DeepSpeed), format checked."""
+    file = client_state_file(path)
+    if not file.is_file():
+        raise CheckpointError(f"{path} has no {MODEL_STATES_FILE} or {ZERO3_MODEL_STATES_FILE}; pass a "
+                              "step-NNNNNNNN folder written by train.py")
+    # mmap: the file may hold the whole model (ZeRO-0/1/2); only the small client state is read.
+    state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    if "cpt_ds" not in state:
+        raise CheckpointError(f"{file} holds no cpt-ds client state; it was not written by train.py")
+    check_format_version(file, state["cpt_ds"].get("format_version"), CLIENT_FORMAT_VERSION)
+    return state["cpt_ds"]
 
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
@@ -97,18 +143,40 @@ def _owned_by(name: str, rank: int) -> bool:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors and plain values (loadable with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    # numpy's key is a uint32 array; int64 holds it exactly and torch.load(weights_only=True) accepts it.
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached_gaussian)
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    kind, keys, *rest = state["numpy"]
+    if isinstance(keys, torch.Tensor):
+        keys = keys.numpy().astype(np.uint32)
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state((kind, keys, *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# Checkpoints written before the RNG state was stored as tensors hold numpy's key as a pickled uint32
+# array; these are exactly the globals that rebuild one (no code beyond numpy's array constructor).
+_OLD_NUMPY_RNG_GLOBALS = [np.ndarray, np.dtype, np.dtypes.UInt32DType, np._core.multiarray._reconstruct]
+
+
+def load_rng_file(file: Path) -> dict[str, Any]:
+    """An ``rng_state_<rank>.pt``, loaded with ``weights_only=True`` (old files: plus numpy's uint32 array)."""
+    try:
+        with torch.serialization.safe_globals(_OLD_NUMPY_RNG_GLOBALS):
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(f"{file} holds objects other than tensors and RNG states ({str(error).splitlines()[-1]}); "
+                              "it was not written by cpt-ds: resume from another checkpoint") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -237,7 +305,7 @@ class Checkpointer:
 
     def verify(self, path: Path) -> dict[str, Any]:
         """Check every file listed by the marker (size everywhere, sha256 of this rank's files)."""
-        marker = read_marker(path)
+        marker = read_checked_marker(path)
         errors = []
         for name, expected in sorted(marker["files"].items()):
             file = path / name
@@ -260,7 +328,7 @@ class Checkpointer:
         """Restore this rank's RNG; a rank that did not exist when saving gets a seeded fresh state."""
         file = path / f"rng_state_{self.rank}.pt"
         if file.is_file():
-            set_rng_state(torch.load(file, weights_only=False))
+            set_rng_state(load_rng_file(file))
             return
         logger.warning("no RNG state for rank %d in %s (saved with another world size); seeding it with %d",
                        self.rank, path, fallback_seed)
@@ -268,13 +336,36 @@ class Checkpointer:
         np.random.seed(fallback_seed % 2**32)
         torch.manual_seed(fallback_seed)
 
+    def universal_path(self, path: Path) -> Path:
+        """Where ``universal_checkpoint(path)`` puts its conversion."""
+        return self.output_dir / UNIVERSAL_DIR / path.name
+
+    def load(self, engine: Any, load_path: Path, *, universal: bool, is_peft: bool, zero_stage: int) -> dict[str, Any]:
+        """Load ``load_path`` into ``engine`` on every rank; returns our client state (step, data position,
+        run config). ``universal``: ``load_path`` is a universal conversion (``universal_checkpoint``)."""
+        # LoRA checkpoints hold only trainable tensors; the non-strict load is checked below instead.
+        loaded, client_state = engine.load_checkpoint(
+            str(load_path.parent), tag=load_path.name, load_module_strict=not is_peft,
+            load_optimizer_states=True, load_lr_scheduler_states=True)
+        if loaded is None:
+            raise CheckpointError(f"DeepSpeed could not load {load_path}; it reported no checkpoint there")
+        if client_state is None or "cpt_ds" not in client_state:
+            raise CheckpointError(f"{load_path} holds no cpt-ds client state; it was not written by train.py")
+        state = client_state["cpt_ds"]
+        check_format_version(client_state_file(load_path), state.get("format_version"), CLIENT_FORMAT_VERSION)
+        if universal and zero_stage == 3:
+            repair_zero3_universal_load(engine, load_path)
+        if is_peft:
+            verify_trainable_loaded(engine, load_path)
+        return state
+
     def universal_checkpoint(self, path: Path) -> Path:
         """Convert ``path`` to DeepSpeed's universal format once (rank 0); returns the converted folder.
 
         Universal checkpoints hold each parameter and its optimizer state whole, so any world size can
         load them (deepspeed.checkpoint.ds_to_universal; loaded with checkpoint.load_universal).
         """
-        target = self.output_dir / UNIVERSAL_DIR / path.name
+        target = self.universal_path(path)
         if self.rank == 0 and not is_complete(target):
             from deepspeed.checkpoint import ds_to_universal
 
@@ -292,6 +383,56 @@ class Checkpointer:
                 {"universal_from": str(path), "files": {}}, indent=2) + "\n")
         barrier()
         return target
+
+
+def repair_zero3_universal_load(engine: Any, universal_path: Path) -> None:
+    """Undo two slips of DeepSpeed's ZeRO-3 universal load (``load_hp_checkpoint_state_from_checkpoint_dir_stage3``)
+    that make a resumed run drift from the uninterrupted one (~1e-3 in the loss within three steps):
+
+    - it copies the first param group's hyperparameters into every group, so the no-decay group
+      (norms) would resume with weight decay: put each group's saved values back;
+    - it gives every sub-group's Adam state the *same* ``step`` tensor, which torch's AdamW then
+      increments once per sub-group per step, so all but the first sub-group use a wrong bias
+      correction: give each its own copy.
+    """
+    file = universal_path / "zero" / "optimizer_state.pt"
+    # Not weights_only: ds_to_universal pickles DeepSpeed objects into this file (its ZeroStageEnum among
+    # them), and DeepSpeed's own load_checkpoint has just unpickled this very file with
+    # weights_only=False, so reading it again trusts nothing new (docs/training.md, what a checkpoint
+    # asks you to trust).
+    saved = torch.load(file, map_location="cpu", weights_only=False)
+    saved_groups = saved["optimizer_state_dict"]["param_groups"]
+    inner = engine.optimizer.optimizer
+    if len(saved_groups) != len(inner.param_groups):
+        raise CheckpointError(f"{universal_path} holds {len(saved_groups)} optimizer param groups, this run has "
+                              f"{len(inner.param_groups)}; resume with the configuration it was saved with")
+    for group, saved_group in zip(inner.param_groups, saved_groups, strict=True):
+        group.update({key: value for key, value in saved_group.items() if key != "params"})
+    for state in inner.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
+
+
+def verify_trainable_loaded(engine: Any, load_path: Path) -> None:
+    """Non-strict loads (needed for LoRA: frozen weights are not saved) could hide a mismatch: check
+    that every trainable tensor of the engine's model is in the checkpoint."""
+    saved = saved_module_state(load_path)
+    if saved is None:
+        return  # ZeRO-3: trainable tensors live in the optimizer partitions, loaded strictly by DeepSpeed
+    expected = {name for name, parameter in engine.module.named_parameters() if parameter.requires_grad}
+    missing = sorted(expected - set(saved))
+    if missing:
+        raise CheckpointError(f"{load_path} lacks trainable weights {missing[:5]}{'...' if len(missing) > 5 else ''}; "
+                              "it was saved with another LoRA configuration")
+
+
+def saved_module_state(path: Path) -> dict[str, Any] | None:
+    """The module state DeepSpeed saved in ``path``, or None when it keeps none there (universal folders)."""
+    file = path / MODEL_STATES_FILE
+    if not file.is_file():
+        return None
+    # DeepSpeed's model-states file holds tensors, sizes, dicts and its JSON config: weights_only loads it.
+    return torch.load(file, map_location="cpu", weights_only=True, mmap=True).get("module")
 
 
 def _universal_args(*, input_folder: str, output_folder: str) -> Any:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from cpt_ds.checkpoint import CheckpointError, read_marker
+from cpt_ds.checkpoint import MODEL_STATES_FILE, CheckpointError, read_checked_marker, saved_client_state
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ def trained_state_dict(checkpoint: Path, *, exclude_frozen: bool) -> dict[str, t
     """fp32 weights of a checkpoint (trainable only when ``exclude_frozen``), keyed like the engine's module."""
     meta = checkpoint_meta(checkpoint)
     if meta["zero_stage"] == 0:
-        state = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        # DeepSpeed's model-states file holds tensors, sizes, dicts and its JSON config: weights_only loads it.
+        state = torch.load(checkpoint / MODEL_STATES_FILE, map_location="cpu", weights_only=True)
         return {name: tensor.float() for name, tensor in state["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -73,7 +74,8 @@ def _load_trained_model(checkpoint: Path, *, dtype: torch.dtype) -> Any:
 
     from cpt_ds.model import resize_embeddings
 
-    read_marker(checkpoint)  # refuses an incomplete checkpoint
+    read_checked_marker(checkpoint)  # refuses an incomplete checkpoint, or one in a format we do not read
+    saved_client_state(checkpoint)  # the same for our client state
     meta = checkpoint_meta(checkpoint)
     config = AutoConfig.from_pretrained(checkpoint / "model")
     if not meta["is_peft"]:

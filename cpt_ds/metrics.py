@@ -119,12 +119,6 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_flag(flag: bool) -> bool:
-    """True when ``flag`` is true on any rank."""
-    value = torch.tensor([1 if flag else 0], dtype=torch.int64)
-    return bool(all_reduce_stats(value).item())
-
-
 @torch.no_grad()
 def evaluate(engine_or_module: Any, batches: Any, *, document_attention: bool) -> TokenMetrics:
     """Token-weighted loss, next-token accuracy and perplexity of a model over this rank's batches.

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -284,7 +283,7 @@ def test_loss_memory_of_a_128k_vocabulary_at_2048_tokens_stays_under_a_ceiling_f
 
 
 # --------------------------------------------------------------------------------------------------
-# Configuration and resume
+# Configuration
 # --------------------------------------------------------------------------------------------------
 
 
@@ -301,22 +300,6 @@ def test_config_fields_are_validated():
     assert ModelConfig(model_name_or_path="m", trainable="q_proj,lm_head", loss_chunk_size=0).problems() == []
     if not torch.cuda.is_available():
         assert liger_problems(True) and liger_problems(False) == []
-
-
-def test_resume_refuses_a_change_of_document_attention():
-    from cpt_ds.checkpoint import CheckpointError
-    from cpt_ds.trainer import Trainer
-
-    fingerprints = {"data_split": {"train": {"a": "x"}, "eval": {}}, "blend": [{"name": "a", "weight": None,
-                                                                               "num_samples": 9}],
-                    "token_files": {}, "tokenizer": "t" * 12,
-                    "model_shape": {}, "adapter": "full", "zero_stage": 2, "document_attention": True}
-    trainer = SimpleNamespace(fingerprints=fingerprints)
-    Trainer._check_compatible(trainer, Path("step-1"), {"fingerprints": dict(fingerprints)})  # unchanged: fine
-    for old in ({**fingerprints, "document_attention": False},
-                {key: value for key, value in fingerprints.items() if key != "document_attention"}):
-        with pytest.raises(CheckpointError, match=r"document_attention \(False -> True\).*--document_attention false"):
-            Trainer._check_compatible(trainer, Path("step-1"), {"fingerprints": old})
 
 
 def test_the_flex_block_mask_selects_what_the_explicit_mask_selects():

@@ -53,3 +53,14 @@ def test_lr_is_a_pure_function_of_the_step(kind):
         assert values[-1] == pytest.approx(1e-4) and all(a >= b for a, b in zip(values[9:], values[10:]))
     if kind == "cosine":
         assert values[10 + 45] == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 45 / 89)))
+
+
+def test_status_line_durations_and_time_left():
+    from cpt_ds.reporter import RECENT_STEPS, eta_seconds, format_duration
+
+    assert [format_duration(s) for s in (0, 4.4, 59.6, 65, 192, 3600, 7389, None, math.inf)] == [
+        "0s", "4s", "1m00s", "1m05s", "3m12s", "1h00m00s", "2h03m09s", "-", "-"]
+    assert eta_seconds([], 10) is None  # no step measured yet
+    assert eta_seconds([1.0, 2.0, 3.0], 0) == 0.0
+    assert eta_seconds([1.0, 2.0, 3.0], 10) == pytest.approx(20.0)  # mean 2 s x 10 steps
+    assert RECENT_STEPS == 20

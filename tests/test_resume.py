@@ -93,14 +93,23 @@ def test_resume_is_bitwise_identical_across_an_epoch_boundary(assets, tmp_path, 
 
 
 def test_lr_after_resume_equals_the_uninterrupted_lr(assets, tmp_path, reference_runs):
+    """Stopped at step 3 (inside the decay, after warmup) and relaunched: every step logs the lr of the
+    uninterrupted run, which is the pure schedule ``lr_at(step - 1)``; lr is a function of the global
+    step, never of the steps since this launch."""
     from cpt_ds.config import OptimConfig
     from cpt_ds.optim import lr_at, warmup_steps_for
 
+    out = tmp_path / "out"
+    config = mode_config(assets, "zero2-full", out)
+    train({**config, "stop_at_step": 3}, workdir=tmp_path).check()
+    resumed = train(config, workdir=tmp_path).check()
+    assert "resumed at step 3" in resumed.output, resumed.output[-3000:]
+    logged = [(r["step"], r["lr"]) for r in metrics(out) if "lr" in r]
     reference = [(r["step"], r["lr"]) for r in metrics(reference_runs["zero2-full"]) if "lr" in r]
     optim = OptimConfig(learning_rate=3e-3, warmup_steps=1)
     expected = [(step, lr_at(step - 1, optim, total_steps=STEPS, warmup_steps=warmup_steps_for(optim, STEPS)))
                 for step in range(1, STEPS + 1)]
-    assert reference == expected
+    assert logged == reference == expected
 
 
 def test_kill_during_training_resumes_from_last_complete_checkpoint(assets, tmp_path, reference_runs):

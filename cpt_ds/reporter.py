@@ -1,0 +1,178 @@
+"""What a run tells its user: the setup line, one status line per logged step, the eval lines, the
+records in ``output_dir/metrics.jsonl`` and the same numbers as DeepSpeed monitor events.
+
+Only rank 0 writes; every rank calls the same methods (the numbers are already global sums). Record keys
+and values are what plots and tests read: change them only by adding keys.
+
+The status line ends with the time since training started in this launch and an estimate of the time
+left: the mean of the last ``RECENT_STEPS`` step durations (evaluations and saves included, as they
+recur) times the steps left.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cpt_ds import __version__
+from cpt_ds.data.corpora import RunData
+from cpt_ds.metrics import MetricsLog, TokenMetrics, peak_memory_gib, total_metrics
+from cpt_ds.model import mfu
+
+logger = logging.getLogger(__name__)
+
+RECENT_STEPS = 20
+"""How many recent step durations the time-left estimate averages."""
+
+
+def format_duration(seconds: float | None) -> str:
+    """``42s``, ``1m05s``, ``2h03m09s``; ``-`` when unknown."""
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    total = max(0, round(seconds))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def eta_seconds(recent: Sequence[float], num_steps_left: int) -> float | None:
+    """Time left: the mean of ``recent`` step durations times the steps left; None before any step."""
+    if num_steps_left <= 0:
+        return 0.0
+    if not recent:
+        return None
+    return sum(recent) / len(recent) * num_steps_left
+
+
+class Reporter:
+    def __init__(self, output_dir: Path, *, rank: int, world_size: int, data: RunData, total_steps: int,
+                 logging_steps: int, block_size: int, global_batch_size: int, flops_per_token: float,
+                 peak_tflops: float, monitor: Any):
+        self.rank = rank
+        self.world_size = world_size
+        self.data = data
+        self.total_steps = total_steps
+        self.logging_steps = logging_steps
+        self.block_size = block_size
+        self.global_batch_size = global_batch_size
+        self.flops_per_token = flops_per_token
+        self.peak_tflops = peak_tflops
+        self.monitor = monitor
+        self.metrics = MetricsLog(output_dir, enabled=rank == 0)
+        self.interval = torch.zeros(len(data.train), 3, dtype=torch.int64)  # per corpus: loss_sum, correct, tokens
+        self.recent: deque[float] = deque(maxlen=RECENT_STEPS)
+        self.started = self.interval_start = self.last_step_end = time.perf_counter()
+        self.num_interval_steps = 0
+
+    def epochs_text(self, consumed_samples: int) -> str:
+        return " ".join(f"{name} {epoch:.3f}" for name, epoch in self.data.epochs(consumed_samples).items())
+
+    # ---- setup -----------------------------------------------------------------------------------
+
+    def log_setup(self, *, ds: Any, model: Any, warmup_steps: int, num_parameters: int, num_trainable: int,
+                  attention_implementation: str, consumed_samples: int) -> None:
+        """One line with everything that decides what this run computes (``ds``: DsConfig, ``model``: ModelConfig)."""
+        data = self.data
+        loss = ("liger" if model.use_liger_kernel else
+                f"chunks of {model.loss_chunk_size} tokens" if model.loss_chunk_size else "full logits")
+        logger.info(
+            "cpt-ds %s | world %d | ZeRO-%d %s | micro %d x accumulation %d x ranks %d = %d samples/step "
+            "(%d tokens) | %d steps, warmup %d | params %.2fM, trainable %.2fM | %d train samples, %s eval samples | "
+            "attention %s, document attention %s | loss %s\n  data: %s\n  eval sets: %s",
+            __version__, self.world_size, ds.zero_stage, ds.precision, ds.micro_batch_size,
+            ds.gradient_accumulation_steps, self.world_size, self.global_batch_size,
+            self.global_batch_size * self.block_size, self.total_steps, warmup_steps,
+            num_parameters / 1e6, num_trainable / 1e6, len(data.samples),
+            sum(len(c.samples) for c in data.eval_sets) or "no", attention_implementation,
+            "on" if model.document_attention else "off", loss, self._components_text(consumed_samples),
+            ", ".join(f"{c.name} ({len(c.samples)} samples)" for c in data.eval_sets) or "none")
+
+    def _components_text(self, consumed_samples: int) -> str:
+        epochs = self.data.epochs(consumed_samples)
+        weights = self.data.weights or [None] * len(self.data.train)
+        return "; ".join(
+            f"{c.name}{'' if w is None else f' weight {w:.3f}'}: {len(c.samples)} samples of {c.stream.num_tokens:,} "
+            f"tokens from {len(c.files)} file(s), epoch {epochs[c.name]:.3f}" for c, w in zip(self.data.train, weights))
+
+    # ---- training steps --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Training steps begin now: the clocks of elapsed time, time left and tokens/s start here."""
+        self.started = self.interval_start = self.last_step_end = time.perf_counter()
+        self.interval.zero_()
+        self.num_interval_steps = 0
+
+    def step(self, step: int, stats: torch.Tensor, *, lr: float, grad_norm: float | None,
+             consumed_samples: int) -> None:
+        """Count step ``step``'s global per-corpus sums; every ``logging_steps`` (and at the first and last
+        step) write the record, the status line and the monitor events of the steps since the last one."""
+        now = time.perf_counter()
+        self.recent.append(now - self.last_step_end)
+        self.last_step_end = now
+        self.interval += stats
+        self.num_interval_steps += 1
+        if step % self.logging_steps == 0 or step == self.total_steps or step == 1:
+            self._log_train(step, lr, grad_norm, now - self.interval_start, consumed_samples)
+            self.interval.zero_()
+            self.interval_start, self.num_interval_steps = time.perf_counter(), 0
+
+    def _log_train(self, step: int, lr: float, grad_norm: float | None, seconds: float, consumed_samples: int) -> None:
+        per_corpus = {name: TokenMetrics.from_tensor(row) for name, row in zip(self.data.names, self.interval)}
+        total = total_metrics(per_corpus.values())
+        tokens_per_second = self.num_interval_steps * self.global_batch_size * self.block_size / max(seconds, 1e-9)
+        utilization = mfu(tokens_per_second / self.world_size, self.flops_per_token, self.peak_tflops)
+        memory = peak_memory_gib()
+        epochs = self.data.epochs(consumed_samples)
+        self.metrics.write({
+            "step": step, "loss": total.loss, "lr": lr, "grad_norm": grad_norm,
+            "tokens_per_second": tokens_per_second, "mfu": None if math.isnan(utilization) else utilization,
+            "memory_gib": memory, "consumed_samples": consumed_samples,
+            "tokens_seen": consumed_samples * self.block_size, "epoch": max(epochs.values()), "epochs": epochs,
+            "corpora": {name: {"loss": m.loss, "tokens": m.tokens} for name, m in per_corpus.items()}})
+        corpora = "" if len(per_corpus) == 1 else " | " + " ".join(
+            f"{name} {m.loss:.3f}" if m.tokens else f"{name} -" for name, m in per_corpus.items())
+        logger.info("step %d/%d | loss %.4f%s | lr %.3e | grad_norm %s | tokens/s %s | mfu %s | mem %.2f GiB | epoch %s"
+                    " | elapsed %s | eta %s",
+                    step, self.total_steps, total.loss, corpora, lr,
+                    f"{grad_norm:.4f}" if grad_norm is not None else "-", f"{tokens_per_second:,.0f}",
+                    "-" if math.isnan(utilization) else f"{100 * utilization:.1f}%", memory,
+                    f"{max(epochs.values()):.3f}" if len(epochs) == 1 else self.epochs_text(consumed_samples),
+                    format_duration(time.perf_counter() - self.started),
+                    format_duration(eta_seconds(self.recent, self.total_steps - step)))
+        events = [("Train/loss", total.loss), ("Train/lr", lr), ("Train/tokens_per_second", tokens_per_second)]
+        events += [(f"Train/loss/{name}", m.loss) for name, m in per_corpus.items() if m.tokens]
+        self._monitor(step, events)
+
+    # ---- evaluation ------------------------------------------------------------------------------
+
+    def evaluation(self, step: int, per_set: dict[str, TokenMetrics], seconds: float) -> TokenMetrics:
+        """Record an evaluation of every validation set; returns the token-weighted total over all of them."""
+        result = total_metrics(per_set.values())
+        logger.info("eval step %d | loss %.4f | accuracy %.4f | perplexity %.2f | %d tokens | %.1f s%s", step,
+                    result.loss, result.accuracy, result.perplexity, result.tokens, seconds,
+                    "".join(f"\n  {name}: loss {m.loss:.4f} | accuracy {m.accuracy:.4f} | perplexity {m.perplexity:.2f} "
+                            f"| {m.tokens} tokens" for name, m in per_set.items()) if len(per_set) > 1 else "")
+        self.metrics.write({
+            "step": step, "eval_loss": result.loss, "eval_accuracy": result.accuracy,
+            "perplexity": result.perplexity, "eval_tokens": result.tokens,
+            "sets": {name: {"eval_loss": m.loss, "eval_accuracy": m.accuracy, "perplexity": m.perplexity,
+                            "eval_tokens": m.tokens} for name, m in per_set.items()}})
+        events = [("Eval/loss", result.loss), ("Eval/accuracy", result.accuracy), ("Eval/perplexity", result.perplexity)]
+        for name, m in per_set.items():
+            events += [(f"Eval/loss/{name}", m.loss), (f"Eval/perplexity/{name}", m.perplexity)]
+        self._monitor(step, events)
+        return result
+
+    def _monitor(self, step: int, events: list[tuple[str, float]]) -> None:
+        """DeepSpeed's monitors (TensorBoard, CSV, W&B as its JSON configures them), rank 0 only."""
+        if self.monitor is not None and self.monitor.enabled and self.rank == 0:
+            self.monitor.write_events([(tag, value, step) for tag, value in events])
