@@ -40,10 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from cpt_ds.attention import DOCUMENT_SDPA, model_inputs, register_document_sdpa
     from cpt_ds.data.loader import collate
     from cpt_ds.data.windows import PackedSamples, TokenStream
     from cpt_ds.loss import LossSettings, attach_loss_forward
-    from cpt_ds.model import DOCUMENT_SDPA, model_inputs, register_document_sdpa
     from cpt_ds.token_file import IndexedTokenFile
 
     torch.set_num_threads(args.threads)

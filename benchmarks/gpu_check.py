@@ -37,9 +37,9 @@ def document_check(implementation: str) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    from cpt_ds.attention import model_inputs
     from cpt_ds.data.loader import collate
     from cpt_ds.loss import LossSettings, attach_loss_forward
-    from cpt_ds.model import model_inputs
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=512, intermediate_size=1792, num_hidden_layers=4, num_attention_heads=8,

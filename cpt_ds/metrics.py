@@ -30,9 +30,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from cpt_ds.attention import model_inputs, module_attention_implementation
 from cpt_ds.data.loader import IGNORE_INDEX
 from cpt_ds.loss import LossOutput, causal_lm_of
-from cpt_ds.model import model_inputs, module_attention_implementation
 
 LOSS_UNITS_PER_NAT = 2**24
 """Fixed-point scale: 2**-24 nats resolution; int64 holds 2**63 / (30 * 2**24), about 1.8e10 tokens at loss 30."""

@@ -14,17 +14,12 @@ from typing import Any
 
 import torch
 
+from cpt_ds.attention import attention_problems
 from cpt_ds.config import ConfigError, ModelConfig, RunConfig
 from cpt_ds.ds_config import DeepSpeedSettings, load_deepspeed_config
 from cpt_ds.hardware import slow_cpu_precision_warning
 from cpt_ds.loss import liger_problems
-from cpt_ds.model import (
-    attention_problems,
-    dtype_problems,
-    grown_vocabulary_problems,
-    load_hf_config,
-    quantization_problems,
-)
+from cpt_ds.model import dtype_problems, grown_vocabulary_problems, load_hf_config, quantization_problems
 from cpt_ds.token_file import IndexedTokenFile, TokenFileError, resolve_token_prefixes
 from cpt_ds.tokenizer import TokenizerError, load_tokenizer, tokenizer_fingerprint
 

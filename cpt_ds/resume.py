@@ -55,8 +55,8 @@ def adapter_fingerprint(model: Any) -> str | dict[str, Any]:
     """``"full"``, or the LoRA settings that decide which tensors are trained (a ``ModelConfig``)."""
     if model.full_finetuning:
         return "full"
-    return {"lora_rank": model.lora_rank, "lora_alpha": model.lora_alpha, "trainable": model.trainable_modules,
-            "modules_to_save": model.modules_to_save_list, "load_in_kbits": model.load_in_kbits}
+    return {"lora_rank": model.lora_rank, "lora_alpha": model.lora_alpha, "trainable": model.trainable,
+            "modules_to_save": model.modules_to_save, "load_in_kbits": model.load_in_kbits}
 
 
 def fingerprints(*, data_split: Any, blend: Any, token_files: dict[str, str], tokenizer: str,

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from cpt_ds import __version__, resume
+from cpt_ds.attention import model_inputs, module_attention_implementation
 from cpt_ds.checkpoint import CLIENT_FORMAT_VERSION, Checkpointer
 from cpt_ds.config import ConfigError, RunConfig
 from cpt_ds.data import DataError
@@ -41,8 +42,6 @@ from cpt_ds.model import (
     count_parameters,
     flops_per_token,
     matmul_parameters,
-    model_inputs,
-    module_attention_implementation,
     peak_tflops,
     training_dtype,
 )

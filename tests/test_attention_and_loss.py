@@ -21,6 +21,13 @@ import numpy as np
 import pytest
 import torch
 
+from cpt_ds.attention import (
+    DOCUMENT_SDPA,
+    document_causal_mask,
+    flash_varlen_kwargs,
+    model_inputs,
+    register_document_sdpa,
+)
 from cpt_ds.config import ModelConfig
 from cpt_ds.data.loader import IGNORE_INDEX, collate, eval_batches
 from cpt_ds.data.windows import PackedSamples, TokenStream, document_positions
@@ -31,7 +38,6 @@ from cpt_ds.loss import (
     full_linear_cross_entropy,
     liger_problems,
 )
-from cpt_ds.model import DOCUMENT_SDPA, document_causal_mask, flash_varlen_kwargs, model_inputs, register_document_sdpa
 from cpt_ds.pack.writer import IndexedTokenWriter
 from cpt_ds.token_file import IndexedTokenFile
 
@@ -306,7 +312,7 @@ def test_the_flex_block_mask_selects_what_the_explicit_mask_selects():
     """The CUDA flex path's BlockMask, run through flex_attention's eager reference on CPU."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    from cpt_ds.model import document_block_mask
+    from cpt_ds.attention import document_block_mask
 
     torch.manual_seed(0)
     positions = torch.tensor([list(range(40)) + list(range(100)) + list(range(70)) + list(range(46)), list(range(256))])

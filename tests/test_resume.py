@@ -295,11 +295,11 @@ def test_logged_losses_are_global_token_weighted_means(assets, tmp_path):
     the base model) equal a single-process computation over the same samples, exactly."""
     from transformers import AutoModelForCausalLM
 
+    from cpt_ds.attention import DOCUMENT_SDPA, model_inputs, register_document_sdpa
     from cpt_ds.data.loader import SampleOrder, collate, eval_batches
     from cpt_ds.data.windows import PackedSamples, TokenStream, split_documents
     from cpt_ds.loss import LossSettings, attach_loss_forward
     from cpt_ds.metrics import TokenMetrics, batch_stats, evaluate
-    from cpt_ds.model import DOCUMENT_SDPA, model_inputs, register_document_sdpa
     from cpt_ds.token_file import IndexedTokenFile
 
     out = tmp_path / "out"

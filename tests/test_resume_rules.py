@@ -147,8 +147,8 @@ def test_fingerprint_helpers_read_plain_inputs():
     shape = model_shape(SimpleNamespace(model_type="llama", hidden_size=64, vocab_size=300), 320)
     assert shape["vocab_size"] == 320 and shape["hidden_size"] == 64 and shape["head_dim"] is None
     assert adapter_fingerprint(SimpleNamespace(full_finetuning=True)) == "full"
-    lora = SimpleNamespace(full_finetuning=False, lora_rank=4, lora_alpha=8, trainable_modules=["q_proj"],
-                           modules_to_save_list=["lm_head"], load_in_kbits=4)
+    lora = SimpleNamespace(full_finetuning=False, lora_rank=4, lora_alpha=8, trainable=["q_proj"],
+                           modules_to_save=["lm_head"], load_in_kbits=4)
     assert adapter_fingerprint(lora) == {"lora_rank": 4, "lora_alpha": 8, "trainable": ["q_proj"],
                                          "modules_to_save": ["lm_head"], "load_in_kbits": 4}
 

@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from cpt_ds.attention import attention_implementation  # noqa: E402
 from cpt_ds.cli import UsageError, run_tool  # noqa: E402
 from cpt_ds.config import ModelConfig  # noqa: E402
 from cpt_ds.data.blend import parse_named_paths  # noqa: E402
@@ -33,7 +34,6 @@ from cpt_ds.distributed import device, exit_process, init_distributed, setup_log
 from cpt_ds.export import exported_document_attention, load_exported_model  # noqa: E402
 from cpt_ds.loss import LossSettings, attach_loss_forward  # noqa: E402
 from cpt_ds.metrics import evaluate_sets, total_metrics  # noqa: E402
-from cpt_ds.model import attention_implementation  # noqa: E402
 from cpt_ds.preflight import sidecar_tokenizer_fingerprint  # noqa: E402
 from cpt_ds.token_file import IndexedTokenFile, TokenFileError  # noqa: E402
 from cpt_ds.tokenizer import TokenizerError, tokenizer_fingerprint  # noqa: E402

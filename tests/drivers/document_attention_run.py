@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from cpt_ds.attention import model_inputs
 from cpt_ds.config import RunConfig
 from cpt_ds.data.loader import collate
 from cpt_ds.distributed import exit_process
-from cpt_ds.model import model_inputs
 from cpt_ds.trainer import Trainer
 
 
