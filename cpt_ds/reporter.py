@@ -16,6 +16,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,21 +54,26 @@ def eta_seconds(recent: Sequence[float], num_steps_left: int) -> float | None:
     return sum(recent) / len(recent) * num_steps_left
 
 
+@dataclass(frozen=True, kw_only=True)
+class RunFacts:
+    """What the status line and the records need to know about the run; fixed for its whole length."""
+
+    rank: int
+    world_size: int
+    total_steps: int
+    logging_steps: int
+    block_size: int
+    global_batch_size: int
+    flops_per_token: float
+    peak_tflops: float | None
+
+
 class Reporter:
-    def __init__(self, output_dir: Path, *, rank: int, world_size: int, data: RunData, total_steps: int,
-                 logging_steps: int, block_size: int, global_batch_size: int, flops_per_token: float,
-                 peak_tflops: float, monitor: Any):
-        self.rank = rank
-        self.world_size = world_size
+    def __init__(self, output_dir: Path, facts: RunFacts, *, data: RunData, monitor: Any):
+        self.facts = facts
         self.data = data
-        self.total_steps = total_steps
-        self.logging_steps = logging_steps
-        self.block_size = block_size
-        self.global_batch_size = global_batch_size
-        self.flops_per_token = flops_per_token
-        self.peak_tflops = peak_tflops
         self.monitor = monitor
-        self.metrics = MetricsLog(output_dir, enabled=rank == 0)
+        self.metrics = MetricsLog(output_dir, enabled=facts.rank == 0)
         self.interval = torch.zeros(len(data.train), 3, dtype=torch.int64)  # per corpus: loss_sum, correct, tokens
         self.recent: deque[float] = deque(maxlen=RECENT_STEPS)
         self.started = self.interval_start = self.last_step_end = time.perf_counter()
@@ -88,9 +94,9 @@ class Reporter:
             "cpt-ds %s | world %d | ZeRO-%d %s | micro %d x accumulation %d x ranks %d = %d samples/step "
             "(%d tokens) | %d steps, warmup %d | params %.2fM, trainable %.2fM | %d train samples, %s eval samples | "
             "attention %s, document attention %s | loss %s\n  data: %s\n  eval sets: %s",
-            __version__, self.world_size, ds.zero_stage, ds.precision, ds.micro_batch_size,
-            ds.gradient_accumulation_steps, self.world_size, self.global_batch_size,
-            self.global_batch_size * self.block_size, self.total_steps, warmup_steps,
+            __version__, self.facts.world_size, ds.zero_stage, ds.precision, ds.micro_batch_size,
+            ds.gradient_accumulation_steps, self.facts.world_size, self.facts.global_batch_size,
+            self.facts.global_batch_size * self.facts.block_size, self.facts.total_steps, warmup_steps,
             num_parameters / 1e6, num_trainable / 1e6, len(data.samples),
             sum(len(c.samples) for c in data.eval_sets) or "no", attention_implementation,
             "on" if model.document_attention else "off", loss, self._components_text(consumed_samples),
@@ -120,7 +126,7 @@ class Reporter:
         self.last_step_end = now
         self.interval += stats
         self.num_interval_steps += 1
-        if step % self.logging_steps == 0 or step == self.total_steps or step == 1:
+        if step % self.facts.logging_steps == 0 or step == self.facts.total_steps or step == 1:
             self._log_train(step, lr, grad_norm, now - self.interval_start, consumed_samples)
             self.interval.zero_()
             self.interval_start, self.num_interval_steps = time.perf_counter(), 0
@@ -128,26 +134,26 @@ class Reporter:
     def _log_train(self, step: int, lr: float, grad_norm: float | None, seconds: float, consumed_samples: int) -> None:
         per_corpus = {name: TokenMetrics.from_tensor(row) for name, row in zip(self.data.names, self.interval)}
         total = total_metrics(per_corpus.values())
-        tokens_per_second = self.num_interval_steps * self.global_batch_size * self.block_size / max(seconds, 1e-9)
-        utilization = mfu(tokens_per_second / self.world_size, self.flops_per_token, self.peak_tflops)
+        tokens_per_second = self.num_interval_steps * self.facts.global_batch_size * self.facts.block_size / max(seconds, 1e-9)
+        utilization = mfu(tokens_per_second / self.facts.world_size, self.facts.flops_per_token, self.facts.peak_tflops)
         memory = peak_memory_gib()
         epochs = self.data.epochs(consumed_samples)
         self.metrics.write({
             "step": step, "loss": total.loss, "lr": lr, "grad_norm": grad_norm,
             "tokens_per_second": tokens_per_second, "mfu": None if math.isnan(utilization) else utilization,
             "memory_gib": memory, "consumed_samples": consumed_samples,
-            "tokens_seen": consumed_samples * self.block_size, "epoch": max(epochs.values()), "epochs": epochs,
+            "tokens_seen": consumed_samples * self.facts.block_size, "epoch": max(epochs.values()), "epochs": epochs,
             "corpora": {name: {"loss": m.loss, "tokens": m.tokens} for name, m in per_corpus.items()}})
         corpora = "" if len(per_corpus) == 1 else " | " + " ".join(
             f"{name} {m.loss:.3f}" if m.tokens else f"{name} -" for name, m in per_corpus.items())
         logger.info("step %d/%d | loss %.4f%s | lr %.3e | grad_norm %s | tokens/s %s | mfu %s | mem %.2f GiB | epoch %s"
                     " | elapsed %s | eta %s",
-                    step, self.total_steps, total.loss, corpora, lr,
+                    step, self.facts.total_steps, total.loss, corpora, lr,
                     f"{grad_norm:.4f}" if grad_norm is not None else "-", f"{tokens_per_second:,.0f}",
                     "-" if math.isnan(utilization) else f"{100 * utilization:.1f}%", memory,
                     f"{max(epochs.values()):.3f}" if len(epochs) == 1 else self.epochs_text(consumed_samples),
                     format_duration(time.perf_counter() - self.started),
-                    format_duration(eta_seconds(self.recent, self.total_steps - step)))
+                    format_duration(eta_seconds(self.recent, self.facts.total_steps - step)))
         events = [("Train/loss", total.loss), ("Train/lr", lr), ("Train/tokens_per_second", tokens_per_second)]
         events += [(f"Train/loss/{name}", m.loss) for name, m in per_corpus.items() if m.tokens]
         self._monitor(step, events)
@@ -174,5 +180,5 @@ class Reporter:
 
     def _monitor(self, step: int, events: list[tuple[str, float]]) -> None:
         """DeepSpeed's monitors (TensorBoard, CSV, W&B as its JSON configures them), rank 0 only."""
-        if self.monitor is not None and self.monitor.enabled and self.rank == 0:
+        if self.monitor is not None and self.monitor.enabled and self.facts.rank == 0:
             self.monitor.write_events([(tag, value, step) for tag, value in events])

@@ -47,7 +47,7 @@ from cpt_ds.model import (
 )
 from cpt_ds.optim import build_optimizer, lr_at, warmup_steps_for
 from cpt_ds.preflight import Plan, preflight
-from cpt_ds.reporter import Reporter
+from cpt_ds.reporter import Reporter, RunFacts
 
 logger = logging.getLogger(__name__)
 
@@ -88,13 +88,13 @@ class Trainer:
                                   dp_rank=self.rank, dp_world_size=self.world_size, seed=config.train.seed,
                                   order=self.data.order)
         matmul_trainable, matmul_frozen = matmul_parameters(self.built.module)
-        self.reporter = Reporter(
-            self.output_dir, rank=self.rank, world_size=self.world_size, data=self.data, total_steps=self.total_steps,
+        facts = RunFacts(
+            rank=self.rank, world_size=self.world_size, total_steps=self.total_steps,
             logging_steps=config.train.logging_steps, block_size=config.data.block_size,
-            global_batch_size=self.loader.global_batch_size, monitor=getattr(self.engine, "monitor", None),
+            global_batch_size=self.loader.global_batch_size, peak_tflops=peak_tflops(config.train.peak_tflops),
             flops_per_token=flops_per_token(self.built.hf_config, config.data.block_size,
-                                            matmul_trainable=matmul_trainable, matmul_frozen=matmul_frozen),
-            peak_tflops=peak_tflops(config.train.peak_tflops))
+                                            matmul_trainable=matmul_trainable, matmul_frozen=matmul_frozen))
+        self.reporter = Reporter(self.output_dir, facts, data=self.data, monitor=getattr(self.engine, "monitor", None))
         self.step = 0
         if resume_plan is not None:
             self._resume(resume_plan)
