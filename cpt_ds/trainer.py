@@ -3,7 +3,7 @@ optimizer step -> record -> evaluate -> save; finally export.
 
 Per micro-batch the model returns the loss summed over its labelled positions (cpt_ds/loss.py: the head
 and cross entropy run a chunk of tokens at a time, never holding the full logits), with attention
-limited to each token's own document when ``document_attention`` is on (cpt_ds/model.py).
+limited to each token's own document when ``document_attention`` is on (cpt_ds/attention.py).
 
 Gradient math: per micro-batch we backpropagate ``loss_sum * accumulation * world / global_tokens``.
 DeepSpeed divides by the accumulation steps and averages gradients over data-parallel ranks, so the
@@ -50,6 +50,7 @@ from cpt_ds.preflight import Plan, preflight
 from cpt_ds.reporter import Reporter, RunFacts
 
 logger = logging.getLogger(__name__)
+
 
 class DivergedError(RuntimeError):
     """Training produced non-finite numbers; raised before any save, so the last checkpoint is good."""

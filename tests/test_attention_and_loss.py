@@ -301,9 +301,9 @@ def test_config_fields_are_validated():
     assert (flags.model.document_attention, flags.model.loss_chunk_size, flags.model.use_liger_kernel) == (False, 256, True)
     problems = ModelConfig(full_finetuning=True, tokenizer_name_or_path="t", loss_chunk_size=-1).problems()
     assert any("loss_chunk_size must be >= 0" in p for p in problems)
-    lora_head = ModelConfig(model_name_or_path="m", trainable="q_proj,lm_head").problems()
+    lora_head = ModelConfig(model_name_or_path="m", trainable=["q_proj", "lm_head"]).problems()
     assert any("LoRA on lm_head" in p for p in lora_head)
-    assert ModelConfig(model_name_or_path="m", trainable="q_proj,lm_head", loss_chunk_size=0).problems() == []
+    assert ModelConfig(model_name_or_path="m", trainable=["q_proj", "lm_head"], loss_chunk_size=0).problems() == []
     if not torch.cuda.is_available():
         assert liger_problems(True) and liger_problems(False) == []
 

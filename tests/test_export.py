@@ -34,7 +34,9 @@ def exported_runs(assets, tmp_path_factory) -> dict[str, Path]:
         work = tmp_path_factory.mktemp(f"export-{name}")
         config = make(assets, work / "out")
         config.update(max_steps=4, export_final=True, eval_data_path=[str(assets.corpus_b)],
-                      validation_split_percentage=0.0, lora_dropout=0.0)
+                      validation_split_percentage=0.0)
+        if not config["full_finetuning"]:
+            config["lora_dropout"] = 0.0
         path = write_config(config, work / "run.json")
         launch(["--config", str(path), "--report", str(work / "report.json")], workdir=work,
                script=DRIVERS / "inspect_run.py").check()
