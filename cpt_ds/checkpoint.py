@@ -166,7 +166,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # Checkpoints written before the RNG state was stored as tensors hold numpy's key as a pickled uint32
 # array; these are exactly the globals that rebuild one (no code beyond numpy's array constructor).
-_OLD_NUMPY_RNG_GLOBALS = [np.ndarray, np.dtype, np.dtypes.UInt32DType, np._core.multiarray._reconstruct]
+# numpy 2 moved numpy.core to numpy._core: a file pickled under numpy 1.x names the old module.
+_MULTIARRAY = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+_OLD_NUMPY_RNG_GLOBALS = [np.ndarray, np.dtype, np.dtypes.UInt32DType, _MULTIARRAY._reconstruct,
+                          (_MULTIARRAY._reconstruct, "numpy.core.multiarray._reconstruct")]
 
 
 def load_rng_file(file: Path) -> dict[str, Any]:
