@@ -1,15 +1,16 @@
 """cpt-ds training entry point.
 
     deepspeed --hostfile hostfiles/localhost --no_ssh --node_rank 0 --master_addr 127.0.0.1 \
-        train.py --config RUN.json [--field value ...]
+        train.py --config RUN.json [--field value ...] [--debug]
 
-Parse the run config, build the trainer, train, close. Everything else lives in cpt_ds/.
+Parse the run config, build the trainer, train, close. Everything else lives in cpt_ds/. A user error
+is one line per rank and exit 2 (``--debug`` or CPT_DS_DEBUG=1: with its traceback); divergence exits 1.
 """
 
 import os
-import sys
 
 from cpt_ds.checkpoint import CheckpointError
+from cpt_ds.cli import debug_in_argv, report_user_error
 from cpt_ds.config import ConfigError, RunConfig
 from cpt_ds.data import DataError
 from cpt_ds.distributed import exit_process
@@ -20,25 +21,29 @@ USER_ERRORS = (ConfigError, CheckpointError, DataError, TokenFileError)
 
 
 def main(argv: list[str] | None = None) -> int:
+    debug = debug_in_argv(argv)
     try:
         config = RunConfig.load(argv)
         trainer = Trainer(config)
     except USER_ERRORS as error:
-        report(error)
+        report(error, debug)
         return 2
     try:
         trainer.train()
     except DivergedError as error:
-        report(error)
+        report(error, debug)
         return 1
+    except USER_ERRORS as error:  # e.g. a checkpoint found damaged while exporting output_dir/final
+        report(error, debug)
+        return 2
     finally:
         trainer.close()
     return 0
 
 
-def report(error: Exception) -> None:
+def report(error: Exception, debug: bool) -> None:
     # Every rank reaches the same verdict; a traceback would only bury the one sentence that matters.
-    print(f"error (rank {os.environ.get('RANK', '0')}): {error}", file=sys.stderr, flush=True)
+    report_user_error(error, f"error (rank {os.environ.get('RANK', '0')}): ", debug=debug)
 
 
 if __name__ == "__main__":

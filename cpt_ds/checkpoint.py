@@ -90,6 +90,33 @@ def read_checked_marker(path: Path) -> dict[str, Any]:
     return marker
 
 
+def damaged_files(path: Path, marker: dict[str, Any], *, hashed: Callable[[str], bool]) -> list[str]:
+    """What differs from the marker's record: each file missing, of another size, or (for the names
+    ``hashed`` accepts) of another sha256; one phrase per file, naming it."""
+    errors = []
+    for name, expected in sorted(marker["files"].items()):
+        file = path / name
+        if not file.is_file():
+            errors.append(f"{file} is missing")
+            continue
+        size = file.stat().st_size
+        if size != expected["bytes"]:
+            errors.append(f"{file} is {size} bytes, {expected['bytes']} when saved (truncated or replaced)")
+        elif hashed(name) and (digest := sha256_file(file)) != expected["sha256"]:
+            errors.append(f"{file} has sha256 {digest[:12]}..., {expected['sha256'][:12]}... when saved (corrupted)")
+    return errors
+
+
+def verified_marker(path: Path) -> dict[str, Any]:
+    """The marker of ``path`` after checking every file it lists, sizes and sha256 (one process reads all)."""
+    marker = read_checked_marker(path)
+    errors = damaged_files(path, marker, hashed=lambda name: True)
+    if errors:
+        raise CheckpointError(f"checkpoint {path} is damaged: " + "; ".join(errors)
+                              + "; export another checkpoint of the run (or copy this one again)")
+    return marker
+
+
 def client_state_file(path: Path) -> Path:
     """The DeepSpeed file of checkpoint ``path`` that holds the client state (rank 0's model states)."""
     zero3 = path / ZERO3_MODEL_STATES_FILE
@@ -309,18 +336,7 @@ class Checkpointer:
     def verify(self, path: Path) -> dict[str, Any]:
         """Check every file listed by the marker (size everywhere, sha256 of this rank's files)."""
         marker = read_checked_marker(path)
-        errors = []
-        for name, expected in sorted(marker["files"].items()):
-            file = path / name
-            if not file.is_file():
-                errors.append(f"{file} is missing")
-                continue
-            size = file.stat().st_size
-            if size != expected["bytes"]:
-                errors.append(f"{file} is {size} bytes, {expected['bytes']} when saved (truncated or replaced)")
-            elif _owned_by(name, self.rank) and sha256_file(file) != expected["sha256"]:
-                errors.append(f"{file} has sha256 {sha256_file(file)[:12]}..., {expected['sha256'][:12]}... when saved "
-                              "(corrupted)")
+        errors = damaged_files(path, marker, hashed=lambda name: _owned_by(name, self.rank))
         everyone = sorted({error for part in all_gather_object(errors) for error in part})
         if everyone:
             raise CheckpointError(f"checkpoint {path} is damaged: " + "; ".join(everyone)

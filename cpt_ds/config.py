@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from cpt_ds.cli import DEBUG_HELP
 from cpt_ds.config_values import coerce, parse_overrides, split_commas
 from cpt_ds.data.blend import ComponentSpec, is_weighted, parse_data_path, parse_named_paths
 
@@ -52,6 +54,16 @@ LORA_ONLY_FIELDS = ("trainable", "lora_rank", "lora_alpha", "lora_dropout", "mod
 
 class ConfigError(ValueError):
     """The run configuration is invalid; the message lists every problem found."""
+
+
+def unknown_field_problem(key: str, table: dict[str, Any]) -> str:
+    """Why ``key`` is refused: a retired baseline flag and what replaces it, else the nearest field names."""
+    hint = RETIRED_FIELDS.get(key)
+    if hint:
+        return f"{key}: not a cpt-ds field ({hint})"
+    close = difflib.get_close_matches(key, table, n=2)
+    guess = f"; did you mean {' or '.join(close)}?" if close else ""
+    return f"{key}: unknown field{guess} (see docs/configuration.md)"
 
 
 @dataclass(kw_only=True)
@@ -308,9 +320,7 @@ class RunConfig:
             if key in COMMA_FIELDS:
                 value = split_commas(value)
             if key not in table:
-                hint = RETIRED_FIELDS.get(key)
-                problems.append(f"{key}: not a cpt-ds field ({hint})" if hint
-                                else f"{key}: unknown field (see docs/configuration.md)")
+                problems.append(unknown_field_problem(key, table))
                 continue
             section, tp = table[key]
             try:
@@ -347,6 +357,8 @@ class RunConfig:
         parser.add_argument("--config", help="run configuration JSON (flat field -> value)")
         # The deepspeed launcher appends --local_rank; ranks are read from the environment instead.
         parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+        # Read by train.py itself (cpt_ds.cli.debug_in_argv), which needs it before this parse can fail.
+        parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
         args, rest = parser.parse_known_args(argv)
         values: dict[str, Any] = {}
         source = "command line"
@@ -356,7 +368,7 @@ class RunConfig:
                 raise ConfigError(f"--config {path}: file not found; pass the run configuration JSON")
             try:
                 loaded = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as error:
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
                 raise ConfigError(f"--config {path}: not valid JSON ({error}); fix the file") from None
             if not isinstance(loaded, dict):
                 raise ConfigError(f"--config {path}: must hold a JSON object of field -> value")

@@ -18,11 +18,15 @@ from typing import Any
 
 import torch
 
-from cpt_ds.checkpoint import MODEL_STATES_FILE, CheckpointError, read_checked_marker, saved_client_state
+from cpt_ds.checkpoint import (MODEL_STATES_FILE, CheckpointError, read_checked_marker, saved_client_state,
+                               verified_marker)
 
 logger = logging.getLogger(__name__)
 
 EXPORT_INFO = "cpt_ds_export.json"
+"""Written last into every export: what it was exported from, and ``files``, every name it wrote."""
+PARTIAL_MARKER = "cpt_ds_export_partial"
+"""Marks ``OUTPUT.export-partial``, an export being written (a leftover one is safe to delete)."""
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -30,7 +34,10 @@ def checkpoint_meta(checkpoint: Path) -> dict[str, Any]:
     path = checkpoint / "cpt_ds_meta.json"
     if not path.is_file():
         raise CheckpointError(f"{checkpoint} has no cpt_ds_meta.json; pass a step-NNNNNNNN folder written by train.py")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error}); the checkpoint is corrupt") from None
 
 
 def trained_state_dict(checkpoint: Path, *, exclude_frozen: bool) -> dict[str, torch.Tensor]:
@@ -126,12 +133,13 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
 
     Full runs: config + safetensors + tokenizer. LoRA runs: a peft adapter folder (adapter + any
     modules_to_save) + tokenizer, or with ``merge_lora`` a full model with the adapter merged in.
-    ``dtype`` defaults to the training precision.
+    ``dtype`` defaults to the training precision. ``output`` may not be, hold or lie in the run
+    (``output_dir/final`` excepted); ``overwrite`` replaces only a previous export (:func:`check_output`).
     """
     checkpoint, output = Path(checkpoint), Path(output)
+    verified_marker(checkpoint)  # a truncated or altered file is named here, not by torch.load
     meta = checkpoint_meta(checkpoint)
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} already exists; choose another --output or pass --overwrite")
+    check_output(checkpoint, output, overwrite=overwrite)
     torch_dtype = DTYPE_NAMES[dtype or meta["dtype"]]
     model = load_trained_model(checkpoint, dtype=torch.float32)
     kind = "full"
@@ -141,23 +149,103 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
     elif meta["is_peft"]:
         kind = "adapter"
     model = model.to(torch_dtype)
-
-    temporary = output.with_name(output.name + f".tmp-{os.getpid()}")
-    if temporary.exists():
-        shutil.rmtree(temporary)
-    temporary.mkdir(parents=True)
-    model.save_pretrained(temporary, safe_serialization=True)
-    for file in sorted((checkpoint / "tokenizer").iterdir()):
-        shutil.copy2(file, temporary / file.name)
-    (temporary / EXPORT_INFO).write_text(json.dumps(
-        {"checkpoint": str(checkpoint.resolve()), "kind": kind, "dtype": str(torch_dtype).removeprefix("torch."),
-         "step": meta["step"], "base_model": meta.get("base_model"),
-         "document_attention": trained_document_attention(checkpoint)}, indent=2) + "\n")
-    if output.exists():
-        shutil.rmtree(output)
-    os.replace(temporary, output)
+    info = {"checkpoint": str(checkpoint.resolve()), "kind": kind, "dtype": str(torch_dtype).removeprefix("torch."),
+            "step": meta["step"], "base_model": meta.get("base_model"),
+            "document_attention": trained_document_attention(checkpoint)}
+    with _partial_folder(output) as temporary:
+        model.save_pretrained(temporary, safe_serialization=True)
+        for file in sorted((checkpoint / "tokenizer").iterdir()):
+            shutil.copy2(file, temporary / file.name)
+        # The marker, written last, lists what this export wrote: all that a later --overwrite may delete.
+        info["files"] = sorted(child.name for child in temporary.iterdir() if child.name != PARTIAL_MARKER)
+        (temporary / PARTIAL_MARKER).unlink()
+        (temporary / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        _replace(temporary, output)
     logger.info("exported %s (%s, %s) to %s", checkpoint, kind, torch_dtype, output)
     return output
+
+
+def check_output(checkpoint: Path, output: Path, *, overwrite: bool) -> None:
+    """Refuse an ``output`` that would write into, or delete, anything export did not write.
+
+    The run folder (the checkpoint's parent) holds checkpoints that rotation and resume manage, so the
+    output may not be it, hold it, or lie inside it, except ``output_dir/final`` where train.py exports
+    (paths compared resolved: aliases and symlinks count). ``overwrite`` replaces only a folder whose
+    ``cpt_ds_export.json`` lists every file in it: a previous export, nothing added since.
+    """
+    run, target = checkpoint.resolve().parent, output.resolve()
+    if target == run or run.is_relative_to(target):
+        raise CheckpointError(f"--output {output} is or holds the run folder {run} of {checkpoint}; exporting "
+                              "there would replace its checkpoints: choose an --output outside the run")
+    if target.is_relative_to(run) and target != run / "final":
+        raise CheckpointError(f"--output {output} lies inside the run folder {run} of {checkpoint}, whose "
+                              "folders checkpointing manages; choose an --output outside it (or its final/)")
+    if not os.path.lexists(output):
+        return
+    previous = output.with_name(output.name + ".export-previous")
+    if os.path.lexists(previous):
+        raise CheckpointError(f"{previous} is left by an export interrupted while replacing {output} (it holds "
+                              "the export being replaced): delete it or move it back, then export again")
+    if not overwrite:
+        raise FileExistsError(f"{output} already exists; choose another --output or pass --overwrite")
+    if output.is_symlink() or not output.is_dir():
+        kind = "a symlink" if output.is_symlink() else "a file"
+        raise CheckpointError(f"--output {output} is {kind}, not a folder export wrote; --overwrite replaces only "
+                              "a previous export: choose another --output")
+    written = exported_files(output)
+    others = sorted(child.name for child in output.iterdir() if child.name not in written)
+    if others:
+        raise CheckpointError(f"--output {output} holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''} "
+                              f"that no export wrote (its {EXPORT_INFO} does not list them); --overwrite replaces only "
+                              "a previous export: move them away or choose another --output")
+
+
+def exported_files(folder: Path) -> set[str]:
+    """The names a previous export wrote into ``folder``, from its marker; refused if it has none."""
+    info = folder / EXPORT_INFO
+    try:
+        files = json.loads(info.read_text(encoding="utf-8")).get("files")
+    except FileNotFoundError:
+        raise CheckpointError(f"--output {folder} is not a previous export (no {EXPORT_INFO}); --overwrite replaces "
+                              "only what export wrote: choose another --output or empty it yourself") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        files = None
+    if not isinstance(files, list):
+        raise CheckpointError(f"{info} does not list the files its export wrote (an export by an older cpt-ds, or "
+                              "edited); --overwrite cannot tell what is safe to delete: remove the folder yourself")
+    return {*files, EXPORT_INFO}
+
+
+@contextlib.contextmanager
+def _partial_folder(output: Path):
+    """``OUTPUT.export-partial``, marked as ours; removed if the export stops, and a leftover of an
+    export killed before it could clean up (it holds the mark) removed before starting again."""
+    temporary = output.with_name(output.name + ".export-partial")
+    if temporary.is_dir() and (temporary / PARTIAL_MARKER).is_file():
+        logger.warning("removing %s left by an interrupted export", temporary)
+        shutil.rmtree(temporary)
+    elif os.path.lexists(temporary):
+        raise CheckpointError(f"{temporary} exists but is not an unfinished export (no {PARTIAL_MARKER}); "
+                              "move it away")
+    temporary.mkdir(parents=True)
+    (temporary / PARTIAL_MARKER).write_text("an unfinished export; safe to delete\n")
+    try:
+        yield temporary
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)  # only what this export wrote; the error goes on
+        raise
+
+
+def _replace(temporary: Path, output: Path) -> None:
+    """Move the finished export into place; a previous export is moved aside first and deleted last,
+    so at every moment one complete export exists."""
+    if not os.path.lexists(output):
+        os.replace(temporary, output)
+        return
+    previous = output.with_name(output.name + ".export-previous")  # check_output made sure it is free
+    os.replace(output, previous)
+    os.replace(temporary, output)
+    shutil.rmtree(previous)
 
 
 def trained_document_attention(checkpoint: Path) -> bool:

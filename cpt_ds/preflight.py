@@ -134,6 +134,10 @@ def _path_problems(config: RunConfig, ds: DeepSpeedSettings | None) -> list[str]
     if resume not in ("auto", "none") and not Path(resume).exists():
         problems.append(f"resume_from_checkpoint: {resume} does not exist; pass a step-NNNNNNNN folder, "
                         "'auto' or 'none'")
+    output_dir = Path(config.train.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        # Found here, not at the first save after hours of training.
+        problems.append(f"output_dir: {output_dir} is a file; pass a folder (it holds checkpoints and metrics)")
     return problems
 
 

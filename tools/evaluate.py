@@ -10,6 +10,10 @@ Uses the training code's samples, document attention, chunked loss and distribut
 (all-reduced sums, never gathered logits), so on the same samples it reproduces the eval_loss that
 train.py logged. ``--model`` may be a full model folder or a peft adapter folder (its base model is
 loaded from the adapter's config).
+
+Before any forward every id a sample reads is checked against the model's embedding rows: a file
+with ids outside the vocabulary (packed with another tokenizer, or corrupt) is one error naming the
+file and the first bad position. User errors are one line and exit 2 (``--debug``: with a traceback).
 """
 
 from __future__ import annotations
@@ -17,15 +21,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from cpt_ds.attention import attention_implementation  # noqa: E402
-from cpt_ds.cli import UsageError, run_tool  # noqa: E402
+from cpt_ds.checkpoint import CheckpointError  # noqa: E402
+from cpt_ds.cli import UsageError, add_debug_flag, run_tool  # noqa: E402
 from cpt_ds.config import ModelConfig  # noqa: E402
 from cpt_ds.data.blend import parse_named_paths  # noqa: E402
 from cpt_ds.data.loader import eval_batches  # noqa: E402
@@ -58,17 +65,69 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="tokens per chunk of the head + loss (0 = full logits)")
     parser.add_argument("--output", help="also write the result as JSON here")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     if args.loss_chunk_size < 0:
         parser.error(f"--loss_chunk_size must be >= 0, got {args.loss_chunk_size}")
+    for name in ("block_size", "batch_size", "max_samples"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error(f"--{name} must be positive, got {value}")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    rank, world_size, _ = init_distributed()
-    setup_logging(rank)
-    return run_tool(lambda: evaluate(args, rank, world_size), TokenFileError)
+    setup_logging(int(os.environ.get("RANK", "0")))
+    return run_tool(lambda: evaluate(args), TokenFileError, CheckpointError, debug=args.debug)
+
+
+def check_ids_in_vocabulary(file: IndexedTokenFile, vocab_size: int, num_tokens: int) -> None:
+    """Refuse ``file`` if one of its first ``num_tokens`` ids is outside ``[0, vocab_size)``; a vectorized
+    scan of the memory map (the embedding lookup would fail with an IndexError far from the cause).
+
+    The one place evaluate checks ids: point it at a shared token-file check once there is one.
+    """
+    chunk = 1 << 24
+    for start in range(0, num_tokens, chunk):
+        ids = file.tokens(start, min(start + chunk, num_tokens))
+        if int(ids.max()) < vocab_size and int(ids.min()) >= 0:
+            continue
+        position = start + int(np.flatnonzero((ids < 0) | (ids >= vocab_size))[0])
+        document = int(np.searchsorted(file.document_token_offsets, position, side="right") - 1)
+        bad = int(ids[position - start])
+        raise TokenFileError(f"{file.bin_path}: token {position} (document {document}) has id {bad}, "
+                             f"outside the model's vocabulary [0, {vocab_size}); the file was packed with another "
+                             f"tokenizer or is corrupt: check it with tools/inspect_corpus.py {file.prefix} --verify")
+
+
+def check_model_folder(folder: Path) -> None:
+    """Refuse what is not an exported model before transformers fails on it with a traceback."""
+    if not folder.is_dir():
+        raise UsageError(f"--model {folder} does not exist")
+    if (folder / "cpt_ds_meta.json").is_file() or (folder / "cpt_ds_complete.json").is_file():
+        raise UsageError(f"--model {folder} is a training checkpoint; export it first with tools/export_hf.py "
+                         f"--checkpoint {folder} --output DIR and evaluate DIR")
+    if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
+        raise UsageError(f"--model {folder} holds no config.json or adapter_config.json; pass a folder written by "
+                         "tools/export_hf.py or save_pretrained")
+
+
+def check_output(output: str | None, inputs: list[Path]) -> None:
+    """``--output`` is written after the whole evaluation: refuse now what would fail or overwrite an input."""
+    if output is None:
+        return
+    path = Path(output)
+    if not path.parent.is_dir():
+        raise UsageError(f"--output {output}: folder {path.parent} does not exist; create it or choose another")
+    if path.is_dir():
+        raise UsageError(f"--output {output} is a folder; pass a file name for the JSON result")
+    target = path.resolve()
+    for item in inputs:
+        # A new file in the model folder is fine; an existing one there is part of the model.
+        inside = item.is_dir() and path.exists() and target.is_relative_to(item.resolve())
+        if target == item.resolve() or inside:
+            raise UsageError(f"--output {output} is an input of this evaluation ({item}); choose another file")
 
 
 def load_samples(args: argparse.Namespace, folder: Path) -> dict[str, PackedSamples]:
@@ -77,8 +136,9 @@ def load_samples(args: argparse.Namespace, folder: Path) -> dict[str, PackedSamp
     if problems:
         raise UsageError("; ".join(problems))
     sets = {name: IndexedTokenFile(prefix) for name, prefix in named}
-    if not folder.is_dir():
-        raise UsageError(f"--model {folder} does not exist")
+    check_model_folder(folder)
+    check_output(args.output, [folder, *(path for file in sets.values()
+                                         for path in (file.bin_path, file.idx_path, file.json_path))])
     try:
         fingerprint = tokenizer_fingerprint(folder)
     except TokenizerError:  # an adapter folder may hold no tokenizer: then there is nothing to compare
@@ -96,7 +156,7 @@ def load_samples(args: argparse.Namespace, folder: Path) -> dict[str, PackedSamp
     return samples
 
 
-def evaluate(args: argparse.Namespace, rank: int, world_size: int) -> None:
+def evaluate(args: argparse.Namespace) -> None:
     folder = Path(args.model)
     samples = load_samples(args, folder)
     if args.document_attention is not None:
@@ -106,7 +166,13 @@ def evaluate(args: argparse.Namespace, rank: int, world_size: int) -> None:
         document_attention = True if trained_with is None else trained_with
     # The attention path training used on this kind of device, so the numbers match train.py's eval.
     implementation = attention_implementation(ModelConfig(document_attention=document_attention))
-    model = load_exported_model(folder, dtype=DTYPES[args.dtype], attn_implementation=implementation).to(device())
+    model = load_exported_model(folder, dtype=DTYPES[args.dtype], attn_implementation=implementation)
+    rows = model.get_input_embeddings().num_embeddings
+    for part in samples.values():
+        # A sample reads block_size + 1 tokens; the last sample ends at this position.
+        check_ids_in_vocabulary(part.stream.files[0], rows, len(part) * args.block_size + 1)
+    rank, world_size, _ = init_distributed()
+    model = model.to(device())
     attach_loss_forward(model, LossSettings(chunk_size=args.loss_chunk_size))
     per_set = evaluate_sets(model, {name: eval_batches(part, micro_batch_size=args.batch_size, dp_rank=rank,
                                                        dp_world_size=world_size) for name, part in samples.items()},
@@ -123,7 +189,9 @@ def evaluate(args: argparse.Namespace, rank: int, world_size: int) -> None:
         for name, m in [*per_set.items(), ("total", result)]:
             print(f"{name:24} {m.loss:8.4f} {m.accuracy:9.4f} {m.perplexity:11.2f} {m.tokens:10,}")
         if args.output:
-            Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
+            temporary = Path(f"{args.output}.tmp-{os.getpid()}")
+            temporary.write_text(json.dumps(record, indent=2) + "\n")
+            os.replace(temporary, args.output)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ Full-finetuning checkpoints become a model folder (config, safetensors, tokenize
 adapter folder (adapter weights + modules_to_save + tokenizer), or with ``--merge_lora`` a full model
 with the adapter merged into the (unquantized) base weights. Any ZeRO stage; weights come from the
 fp32 master copy. ``--checkpoint`` may also be an output_dir: its newest complete checkpoint is used.
+
+Every file the checkpoint's completion marker lists is checked (size and sha256) before loading.
+``--output`` may not be, hold or lie inside the run folder (except its final/); ``--overwrite``
+replaces only a previous export: a folder whose cpt_ds_export.json lists every file in it.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from cpt_ds.checkpoint import CheckpointError, newest_complete  # noqa: E402
-from cpt_ds.cli import UsageError, run_tool  # noqa: E402
+from cpt_ds.cli import UsageError, add_debug_flag, run_tool  # noqa: E402
 from cpt_ds.export import DTYPE_NAMES, export_checkpoint  # noqa: E402
 
 
@@ -30,10 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge_lora", action="store_true", help="merge a LoRA adapter into the base weights")
     parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None,
                         help="weight dtype of the export (default: the training precision)")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous export at --output")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return run_tool(lambda: export(args), CheckpointError, FileExistsError)
+    return run_tool(lambda: export(args), CheckpointError, FileExistsError, debug=args.debug)
 
 
 def export(args: argparse.Namespace) -> None:
@@ -44,7 +49,8 @@ def export(args: argparse.Namespace) -> None:
             raise UsageError(f"{checkpoint} holds no complete step-NNNNNNNN checkpoint")
         checkpoint = newest
     if not checkpoint.is_dir():
-        raise UsageError(f"checkpoint {checkpoint} does not exist; pass a step-NNNNNNNN folder or an output_dir")
+        what = "is a file" if checkpoint.exists() else "does not exist"
+        raise UsageError(f"checkpoint {checkpoint} {what}; pass a step-NNNNNNNN folder or an output_dir")
     output = export_checkpoint(checkpoint, args.output, merge_lora=args.merge_lora, dtype=args.dtype,
                                overwrite=args.overwrite)
     print(f"exported {checkpoint} -> {output}")

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                                  progress=not args.no_progress)
 
     return run_corpus_tool("extend_vocab", extend, (VocabExtensionError, TokenizerError),
-                           interrupted="no output was written")
+                           interrupted="no output was written", debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import numpy as np  # noqa: E402
 
+from cpt_ds.cli import add_debug_flag, run_tool  # noqa: E402
 from cpt_ds.token_file import IndexedTokenFile, TokenFileError  # noqa: E402
 from cpt_ds.tokenizer import TokenizerError, decode, load_tokenizer, tokenizer_fingerprint  # noqa: E402
 
@@ -30,7 +31,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", metavar="DIR",
                         help="tokenizer folder for --decode (default: the one recorded in PREFIX.json)")
     parser.add_argument("--vocab-size", type=int, help="vocabulary size for --verify of a file without PREFIX.json")
-    return parser.parse_args(argv)
+    add_debug_flag(parser)
+    args = parser.parse_args(argv)
+    if args.vocab_size is not None and args.vocab_size <= 0:
+        parser.error(f"--vocab-size must be positive, got {args.vocab_size}")
+    return args
 
 
 def summary(token_file: IndexedTokenFile) -> str:
@@ -85,25 +90,24 @@ def decode_document(token_file: IndexedTokenFile, index: int, tokenizer_dir: str
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        token_file = IndexedTokenFile(args.prefix)
-        if args.decode is not None:
-            print(decode_document(token_file, args.decode, args.tokenizer))
-            return 0
-        print(summary(token_file))
-        if args.verify:
-            from tqdm import tqdm
+    return run_tool(lambda: inspect(args), TokenFileError, TokenizerError, name="inspect_corpus", debug=args.debug)
 
-            with tqdm(total=token_file.num_tokens * token_file.dtype.itemsize, unit="B", unit_scale=True,
-                      desc="verifying", leave=False) as bar:
-                token_file.verify(args.vocab_size, progress=bar.update)
-            vocab = args.vocab_size or token_file.vocab_size
-            checksum = "checksum matches the sidecar, " if token_file.meta else ""
-            print(f"verify        OK: {checksum}all {token_file.num_tokens:,} ids < {vocab:,}")
-    except (TokenFileError, TokenizerError) as error:
-        print(f"inspect_corpus: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+
+def inspect(args: argparse.Namespace) -> None:
+    token_file = IndexedTokenFile(args.prefix)
+    if args.decode is not None:
+        print(decode_document(token_file, args.decode, args.tokenizer))
+        return
+    print(summary(token_file))
+    if args.verify:
+        from tqdm import tqdm
+
+        with tqdm(total=token_file.num_tokens * token_file.dtype.itemsize, unit="B", unit_scale=True,
+                  desc="verifying", leave=False) as bar:
+            token_file.verify(args.vocab_size, progress=bar.update)
+        vocab = args.vocab_size or token_file.vocab_size
+        checksum = "checksum matches the sidecar, " if token_file.meta else ""
+        print(f"verify        OK: {checksum}all {token_file.num_tokens:,} ids < {vocab:,}")
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                            resume=not args.no_resume, shard=shard, checkpoint_seconds=args.checkpoint_seconds)
 
     return run_corpus_tool("pack_corpus", pack, (PackError, TokenizerError, TokenFileError),
-                           interrupted="no output was written; run the same command again to resume")
+                           interrupted="no output was written; run the same command again to resume", debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ learning rate and tokens/s, against the step and against the tokens seen.
 
 Works on a run in progress and on resumed runs: a step logged twice (a run that died after logging
 and was resumed from an earlier checkpoint) is drawn once, from its newest record. Needs matplotlib
-(pip install 'cpt-ds[plot]').
+(pip install 'cpt-ds[plot]'). A record missing a field the plot draws, or holding it with the wrong
+type, is one error naming the file, line and field (exit 2; ``--debug``: with a traceback).
 """
 
 from __future__ import annotations
@@ -18,14 +19,60 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from cpt_ds.cli import run_tool  # noqa: E402
+from cpt_ds.cli import UsageError, add_debug_flag, run_tool  # noqa: E402
+
+# The fields the plot reads, with their types: a training record (it has "loss") and an eval record
+# ("eval_loss"); and per record kind the optional dict of per-corpus / per-set entries and their field.
+TRAIN_FIELDS = {"step": int, "loss": float, "lr": float, "tokens_per_second": float}
+EVAL_FIELDS = {"step": int, "eval_loss": float}
+NESTED = {"loss": ("corpora", "loss"), "eval_loss": ("sets", "eval_loss")}
+
+
+def _type_problem(value: Any, expected: type) -> str | None:
+    """Why ``value`` is not of the JSON type ``expected`` (float: any number, or null as train.py writes NaN)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if (expected is float and (number or value is None)) or (expected is int and number and isinstance(value, int)) \
+            or (expected is dict and isinstance(value, dict)):
+        return None
+    wanted = {int: "an integer", float: "a number", dict: "a JSON object"}[expected]
+    return f"must be {wanted}, got {json.dumps(value)[:40]}"
+
+
+def record_problem(record: Any) -> str | None:
+    """What is wrong with one parsed line for the plot: a field it draws missing or of the wrong type."""
+    if not isinstance(record, dict):
+        return f"is {json.dumps(record)[:40]}, not a JSON object"
+    kind = "eval_loss" if "eval_loss" in record else "loss" if "loss" in record else None
+    if kind is None:
+        return None  # not a record the plot draws
+    fields = dict(EVAL_FIELDS if kind == "eval_loss" else TRAIN_FIELDS)
+    if kind == "loss" and "tokens_seen" in record:
+        fields["tokens_seen"] = float
+    outer, inner = NESTED[kind]
+    if outer in record:
+        fields[outer] = dict
+    for field, expected in fields.items():
+        if field not in record:
+            return f"field '{field}' is missing"
+        if problem := _type_problem(record[field], expected):
+            return f"field '{field}' {problem}"
+    for name, entry in record.get(outer, {}).items():
+        if not isinstance(entry, dict) or inner not in entry:
+            return f"field '{outer}.{name}.{inner}' is missing"
+        if problem := _type_problem(entry[inner], float):
+            return f"field '{outer}.{name}.{inner}' {problem}"
+    return None
 
 
 def read_records(metrics: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """``(training records, eval records)`` in step order, one per step (the newest wins)."""
     train: dict[int, dict[str, Any]] = {}
     evals: dict[int, dict[str, Any]] = {}
-    lines = metrics.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = metrics.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{metrics}: not UTF-8 text ({error.reason} at byte {error.start}); "
+                         "is this a cpt-ds metrics.jsonl?") from None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -34,7 +81,9 @@ def read_records(metrics: Path) -> tuple[list[dict[str, Any]], list[dict[str, An
         except json.JSONDecodeError:
             if number == len(lines):
                 continue  # the last line of a run in progress may be half-written
-            raise ValueError(f"{metrics}:{number}: not a JSON record; is this a cpt-ds metrics.jsonl?") from None
+            raise UsageError(f"{metrics}:{number}: not a JSON record; is this a cpt-ds metrics.jsonl?") from None
+        if problem := record_problem(record):
+            raise UsageError(f"{metrics}:{number}: {problem}; is this a cpt-ds metrics.jsonl?")
         if "eval_loss" in record:
             evals[record["step"]] = record
         elif "loss" in record:
@@ -69,13 +118,16 @@ def plot_run(output_dir: Path, output: Path):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("plot_run needs matplotlib: pip install 'cpt-ds[plot]'") from None
+        raise UsageError("plot_run needs matplotlib: pip install 'cpt-ds[plot]'") from None
     metrics = output_dir / "metrics.jsonl"
     if not metrics.is_file():
-        raise SystemExit(f"error: {metrics} not found; pass the output_dir of a train.py run")
+        raise UsageError(f"{metrics} not found; pass the output_dir of a train.py run")
+    if output.is_dir() or output.resolve() == metrics.resolve():
+        raise UsageError(f"--output {output} is {'a folder' if output.is_dir() else 'the metrics file it plots'}; "
+                         "pass a .png file name")
     train, evals = read_records(metrics)
     if not train and not evals:
-        raise SystemExit(f"error: {metrics} holds no training or eval records yet")
+        raise UsageError(f"{metrics} holds no training or eval records yet")
 
     figure, axes = plt.subplots(2, 3, figsize=(16, 8.5))
     (loss_step, eval_step, lr_axis), (loss_tokens, eval_tokens, speed_axis) = axes
@@ -137,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output_dir", type=Path, help="a train.py output_dir (holds metrics.jsonl)")
     parser.add_argument("--output", type=Path, default=None, help="PNG to write (default OUTPUT_DIR/metrics.png)")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     output = args.output or args.output_dir / "metrics.png"
 
@@ -144,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         plot_run(args.output_dir, output)
         print(f"wrote {output}")
 
-    return run_tool(plot, ValueError)
+    return run_tool(plot, debug=args.debug)
 
 
 if __name__ == "__main__":

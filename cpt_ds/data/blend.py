@@ -131,7 +131,13 @@ def parse_named_paths(entries: Sequence[str], field_name: str) -> tuple[list[tup
     paths = []
     for entry in entries:
         name, separator, path = str(entry).partition("=")
-        if separator and name and path and "/" not in name:
+        if separator and "/" not in name and not (name and path):
+            # '=x' or 'a=' is a NAME=PREFIX with a part missing, not a prefix spelled with '='.
+            missing = "NAME" if not name else "PREFIX"
+            problems.append(f"{field_name} entry {str(entry)!r} is not NAME=PREFIX: its {missing} is empty; "
+                            "write NAME=PREFIX or just PREFIX")
+            continue
+        if separator and "/" not in name:
             explicit.append(name)
             paths.append(path)
         else:

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from typing import Protocol
 
-from cpt_ds.cli import run_tool
+from cpt_ds.cli import add_debug_flag, run_tool
 from cpt_ds.pack.sources import ENCODING_ERRORS, TXT_UNITS
 from cpt_ds.pack.workers import default_workers
 
@@ -35,10 +35,11 @@ def add_input_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoding-errors", choices=ENCODING_ERRORS, default="strict",
                         help="invalid UTF-8: strict = stop with file and byte offset; replace = U+FFFD")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_debug_flag(parser)
 
 
 def run_corpus_tool(name: str, work: Callable[[], Formattable], errors: tuple[type[Exception], ...], *,
-                    interrupted: str) -> int:
+                    interrupted: str, debug: bool = False) -> int:
     """Run ``work`` with INFO logging to stderr and print its result's ``format()``; the exit status.
 
     An error of the types ``errors`` (the user's to fix: their messages name the file and the fix) is
@@ -56,4 +57,4 @@ def run_corpus_tool(name: str, work: Callable[[], Formattable], errors: tuple[ty
         print(result.format())
         return 0
 
-    return run_tool(work_and_report, *errors, name=name)
+    return run_tool(work_and_report, *errors, name=name, debug=debug)
