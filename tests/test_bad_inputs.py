@@ -342,3 +342,59 @@ def test_bad_input(row: Row, assets, tmp_path, request, monkeypatch, capsys):
 def test_the_table_covers_every_tool():
     assert {row.tool for row in ROWS} == {"export_hf", "evaluate", "plot_run", "inspect_corpus", "train"}
     assert len({row.id for row in ROWS}) == len(ROWS)
+
+
+# ---- what the refusals must not break --------------------------------------------------------------------
+
+
+def test_overwrite_replaces_a_previous_export_and_an_interrupted_export_leaves_nothing(finished_run, tmp_path,
+                                                                                       monkeypatch, capsys):
+    import cpt_ds.export
+
+    export_hf = load_tool("export_hf").main
+    run = shutil.copytree(finished_run, tmp_path / "run")
+    out = tmp_path / "exported"
+    # A leftover of an export killed mid-write (it holds the partial mark) is removed by the next export.
+    partial = tmp_path / "exported.export-partial"
+    partial.mkdir()
+    (partial / cpt_ds.export.PARTIAL_MARKER).write_text("")
+    assert export_hf(["--checkpoint", str(run), "--output", str(out)]) == 0
+    info = json.loads((out / "cpt_ds_export.json").read_text())
+    assert set(info["files"]) | {"cpt_ds_export.json"} == {p.name for p in out.iterdir()}
+    assert "model.safetensors" in info["files"] and not partial.exists()
+
+    # --overwrite replaces the previous export, here and in the run's own final/ (where train.py exports).
+    assert export_hf(["--checkpoint", str(run), "--output", str(out), "--overwrite"]) == 0
+    assert export_hf(["--checkpoint", str(run), "--output", str(run / "final"), "--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "run"]
+
+    # An export that fails while writing removes its partial folder and keeps the previous export.
+    before = listing(tmp_path)
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cpt_ds.export.shutil, "copy2", fail)
+    with pytest.raises(OSError, match="disk full"):
+        export_hf(["--checkpoint", str(run), "--output", str(out), "--overwrite"])
+    assert listing(tmp_path) == before
+
+
+def test_debug_flag_and_environment_show_the_traceback_and_keep_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("CPT_DS_DEBUG", raising=False)
+    plot_run = load_tool("plot_run").main
+    assert plot_run([str(tmp_path), "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.splitlines()[-1] == f"error: {tmp_path / 'metrics.jsonl'} not found; pass the " \
+                                                          "output_dir of a train.py run"
+    import train
+
+    monkeypatch.setenv("CPT_DS_DEBUG", "1")
+    assert train.main(["--learning_rat", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "did you mean learning_rate?" in err.splitlines()[-1]
+    monkeypatch.setenv("CPT_DS_DEBUG", "0")
+    assert train.main(["--learning_rat", "1", "--debug"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+    assert train.main(["--learning_rat", "1"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
