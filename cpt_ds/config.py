@@ -365,7 +365,8 @@ class RunConfig:
         if args.config:
             path = Path(args.config)
             if not path.is_file():
-                raise ConfigError(f"--config {path}: file not found; pass the run configuration JSON")
+                found = "is a folder" if path.is_dir() else "file not found"
+                raise ConfigError(f"--config {path}: {found}; pass the run configuration JSON")
             try:
                 loaded = json.loads(path.read_text(encoding="utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError) as error:

@@ -272,6 +272,7 @@ ROWS = [
     Row("config-eval-set-empty-prefix", "train", lambda c: _config(c, eval_data_path=["a="]),
         "eval_data_path entry 'a=' is not NAME=PREFIX: its PREFIX is empty"),
     Row("config-file-missing", "train", lambda c: ["--config", str(c.work / "none.json")], "file not found"),
+    Row("config-is-a-folder", "train", lambda c: ["--config", str(c.work)], "is a folder; pass the run configuration"),
     Row("config-not-json", "train", lambda c: _raw_config(c, b"{oops"), "not valid JSON"),
     Row("config-not-utf8", "train", lambda c: _raw_config(c, b'{"seed": "\xff"}'), "not valid JSON"),
     Row("config-not-an-object", "train", lambda c: _raw_config(c, b"[1]"), "must hold a JSON object"),

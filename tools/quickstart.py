@@ -31,7 +31,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from cpt_ds.cli import UsageError, run_tool  # noqa: E402
+from cpt_ds.cli import UsageError, add_debug_flag, run_tool  # noqa: E402
 from cpt_ds.launch import local_command  # noqa: E402
 from cpt_ds.toy import TINY_LLAMA3, choose_precision, cpt_corpora, held_out_split, write_jsonl_texts  # noqa: E402
 
@@ -54,6 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cpt_steps", type=int, default=50, help="steps of continued pretraining on the blend")
     parser.add_argument("--replay", type=float, default=0.25, help="share of English replay in the blend")
     parser.add_argument("--master_port", type=int, default=29555)
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     if min(args.pretrain_steps, args.cpt_steps) < 1:
         parser.error("--pretrain_steps and --cpt_steps must be positive")
@@ -209,7 +210,7 @@ def quickstart(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_tool(lambda: quickstart(args))
+    return run_tool(lambda: quickstart(args), debug=args.debug)
 
 
 if __name__ == "__main__":
