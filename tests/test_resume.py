@@ -214,14 +214,16 @@ def test_damaged_shard_is_named(assets, tmp_path, reference_runs, damage):
     assert str(shard) in result.output and expected in result.output, result.output[-3000:]
 
 
-def change_world_size(make_config, assets, tmp_path: Path, **base) -> tuple[Path, Path, str]:
+def change_world_size(make_config, assets, tmp_path: Path, *, launcher: bool = False, **base) -> tuple[Path, Path, str]:
     """A reference run on 2 ranks x 2 micro-batches, and the same run stopped at step 4 and continued
-    on 1 rank x 4 micro-batches (the same global batch); ``(reference, resumed, resumed launch output)``."""
+    on 1 rank x 4 micro-batches (the same global batch), in a fresh deepspeed launch with ``launcher``;
+    ``(reference, resumed, resumed launch output)``."""
     work_a, work_b = tmp_path / "a", tmp_path / "b"
     reference, out = work_a / "out", work_b / "out"
     train(make_config(assets, reference, **base), workdir=work_a).check()
     train(make_config(assets, out, stop_at_step=4, **base), workdir=work_b).check()
-    resumed = train(make_config(assets, out, gradient_accumulation_steps=4, **base), workdir=work_b, ranks=1).check()
+    resumed = train(make_config(assets, out, gradient_accumulation_steps=4, **base), workdir=work_b, ranks=1,
+                    launcher=launcher).check()
     assert "saved by 2 ranks, this run has 1: loading it through DeepSpeed's universal checkpoint" in resumed.output
     assert "resumed at step 4, consumed_samples 32" in resumed.output
     return reference, out, resumed.output
@@ -241,7 +243,8 @@ def test_world_size_change_continues_the_data_position(assets, tmp_path, stage):
     """2 ranks x 2 micro-batches -> 1 rank x 4 micro-batches keeps the global batch (and so the curve)."""
     base = dict(deepspeed=str(assets.ds[f"{stage}_ga2"]), max_steps=STEPS, eval_steps=4,
                 max_train_samples=EPOCH_SAMPLES)
-    reference, out, _ = change_world_size(run_config, assets, tmp_path, **base)
+    # One world-size change goes through the real launcher: the 1-rank process starts fresh.
+    reference, out, _ = change_world_size(run_config, assets, tmp_path, launcher=stage == "zero2", **base)
     ours, theirs = metrics(out), metrics(reference)
     assert [r["consumed_samples"] for r in ours if "loss" in r] == [r["consumed_samples"] for r in theirs if "loss" in r]
     assert_same_curve_to_float_rounding(out, reference)
