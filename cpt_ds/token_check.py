@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 CHECK_SUFFIX = ".checked"
 CHECK_VERSION = 1
-CHUNK_TOKENS = 1 << 24
+CHUNK_TOKENS = 1 << 20  # 4 MB of int32: the min/max pass finds the chunk the hash just read still in cache
 _PROGRESS_BYTES = 1 << 30  # files at least this large log their progress
 
 
@@ -94,8 +94,11 @@ def _cheap_problem(file: IndexedTokenFile, vocab_size: int) -> str | None:
 
 
 def _full_problem(file: IndexedTokenFile, vocab_size: int, progress: Callable[[int], None] | None) -> str | None:
-    expected = (file.meta or {}).get("bin_sha256")
-    facts = bin_facts(file, hash_data=expected is not None, progress=progress,
+    meta = file.meta or {}
+    expected = meta.get("bin_sha256")
+    # A sidecar's max_token_id (checked for free) holds for the data once the data matches its sha256.
+    find_range = expected is None or not isinstance(meta.get("max_token_id"), int)
+    facts = bin_facts(file, hash_data=expected is not None, find_range=find_range, progress=progress,
                       keep=lambda facts: _verdict(file, facts, vocab_size, expected) is None)
     return _verdict(file, facts, vocab_size, expected)
 
@@ -103,7 +106,8 @@ def _full_problem(file: IndexedTokenFile, vocab_size: int, progress: Callable[[i
 def _verdict(file: IndexedTokenFile, facts: BinFacts, vocab_size: int, expected: str | None) -> str | None:
     ids_bad = facts.max_id is not None and (facts.max_id >= vocab_size or (facts.min_id or 0) < 0)
     if expected is not None and facts.sha256 != expected:
-        where = f" ({_first_bad_text(file, vocab_size)})" if ids_bad else ""
+        found = first_bad_id(file, vocab_size)
+        where = f" ({_first_bad_text(file, vocab_size, found)})" if found else ""
         return (f"{file.bin_path}: sha256 {str(facts.sha256)[:16]}... does not match its sidecar's {expected[:16]}..., "
                 f"so the token data changed after packing{where}: bit rot, an incomplete copy or a replaced .bin; "
                 f"run tools/inspect_corpus.py {file.prefix} --verify and copy or pack it again")
@@ -128,8 +132,8 @@ def first_bad_id(file: IndexedTokenFile, vocab_size: int) -> tuple[int, int, int
     return None
 
 
-def _first_bad_text(file: IndexedTokenFile, vocab_size: int) -> str:
-    found = first_bad_id(file, vocab_size)
+def _first_bad_text(file: IndexedTokenFile, vocab_size: int, found: tuple[int, int, int, int] | None = None) -> str:
+    found = found or first_bad_id(file, vocab_size)
     if found is None:  # the sidecar's max_token_id claims more than the data holds
         return (f"its sidecar records token id {(file.meta or {}).get('max_token_id')} but the model's vocabulary "
                 f"has {vocab_size} rows")
@@ -225,24 +229,27 @@ def eval_overlap_warnings(train: Sequence[Origin], evaluation: Sequence[Origin])
 # --------------------------------------------------------------------------------------------------
 
 
-def bin_facts(file: IndexedTokenFile, *, hash_data: bool, progress: Callable[[int], None] | None = None,
+def bin_facts(file: IndexedTokenFile, *, hash_data: bool, find_range: bool = True,
+              progress: Callable[[int], None] | None = None,
               keep: Callable[[BinFacts], bool] = lambda facts: True) -> BinFacts:
     """The ``.bin``'s facts from the cache, or read (under an exclusive lock) and cached when ``keep(facts)``."""
-    cached = _read_cache(file, hash_data)
+    cached = _read_cache(file, hash_data, find_range)
     if cached is not None:
         return cached
     with _locked(file.bin_path):
-        cached = _read_cache(file, hash_data)  # another rank of this machine may just have read it
+        cached = _read_cache(file, hash_data, find_range)  # another rank of this machine may just have read it
         if cached is not None:
             return cached
-        facts = scan(file, hash_data=hash_data, progress=progress)
+        facts = scan(file, hash_data=hash_data, find_range=find_range, progress=progress)
         if keep(facts):
             _write_cache(file, facts)
     return facts
 
 
-def scan(file: IndexedTokenFile, *, hash_data: bool, progress: Callable[[int], None] | None = None) -> BinFacts:
-    """Read the whole ``.bin`` once: its sha256 (when ``hash_data``) and smallest and largest id."""
+def scan(file: IndexedTokenFile, *, hash_data: bool, find_range: bool = True,
+         progress: Callable[[int], None] | None = None) -> BinFacts:
+    """Read the whole ``.bin`` once: its sha256 (when ``hash_data``) and smallest and largest id (when
+    ``find_range``)."""
     digest = hashlib.sha256() if hash_data else None
     low: int | None = None
     high: int | None = None
@@ -252,11 +259,12 @@ def scan(file: IndexedTokenFile, *, hash_data: bool, progress: Callable[[int], N
     for _, chunk in _chunks(file):
         if digest is not None:
             digest.update(chunk)
-        # Unsigned ids cannot be negative: one pass instead of two.
-        chunk_low = int(chunk.min()) if chunk.dtype.kind == "i" else 0
-        chunk_high = int(chunk.max())
-        low = chunk_low if low is None else min(low, chunk_low)
-        high = chunk_high if high is None else max(high, chunk_high)
+        if find_range:
+            # Unsigned ids cannot be negative: one pass instead of two.
+            chunk_low = int(chunk.min()) if chunk.dtype.kind == "i" else 0
+            chunk_high = int(chunk.max())
+            low = chunk_low if low is None else min(low, chunk_low)
+            high = chunk_high if high is None else max(high, chunk_high)
         done += chunk.nbytes
         if progress is not None:
             progress(chunk.nbytes)
@@ -296,7 +304,7 @@ def _cache_paths(file: IndexedTokenFile) -> list[Path]:
     return [Path(str(file.bin_path) + CHECK_SUFFIX), cache_dir() / "token_checks" / f"{key}.json"]
 
 
-def _read_cache(file: IndexedTokenFile, hash_data: bool) -> BinFacts | None:
+def _read_cache(file: IndexedTokenFile, hash_data: bool, find_range: bool) -> BinFacts | None:
     identity = _identity(file)
     for path in _cache_paths(file):
         try:
@@ -306,7 +314,8 @@ def _read_cache(file: IndexedTokenFile, hash_data: bool) -> BinFacts | None:
         if isinstance(record, dict) and record.get("identity") == identity:
             facts = record.get("facts")
             if isinstance(facts, dict) and set(facts) == {"sha256", "min_id", "max_id"} \
-                    and (facts["sha256"] is not None or not hash_data):
+                    and (facts["sha256"] is not None or not hash_data) \
+                    and (facts["max_id"] is not None or not find_range or not file.num_tokens):
                 return BinFacts(**facts)
     return None
 
