@@ -264,6 +264,10 @@ ROWS: dict[str, Row] = {
     "merge: OUT out/": (
         lambda w: w.tool(merge_tool, f"{w.tmp / 'out'}/", _shard(w, "a", 1, "x"), _shard(w, "a", 2, "x")), 2,
         ["merge_corpus: error: OUT", "is a folder or ends in a hidden name"]),
+    "pack: --output inside an input folder": (
+        lambda w: w.pack("--input", write_jsonl(w.tmp / "raw" / "t.jsonl", ["a"]).parent,
+                         "--output", w.tmp / "raw" / "sub" / ".." / "corpus"), 2,
+        ["lies inside the input folder", "would be read as inputs by the next run"]),
     # -- blend components compared by resolved path
     "train: one token file under two spellings": (
         lambda w: w.train(data_path=_aliased(w)), 2,
@@ -408,7 +412,8 @@ def test_the_check_reads_a_file_once_and_sees_any_later_change(tmp_path, monkeyp
 
 
 def test_train_py_refuses_ids_outside_the_vocabulary_with_exit_2(assets, tmp_path):
-    """Before: trained with a warning, then both ranks died with an IndexError at the step-0 eval (exit 1)."""
+    """Before: trained to the end (exit 0) with only a no-sidecar warning, or died with an IndexError (exit 1)
+    when a sample holding the bad id was drawn."""
     bad = token_file(tmp_path / "megatron" / "c", [[1, 2, 3] * 30, [4, 700, 5] * 30], sidecar=False)
     path = write_config(run_config(assets, tmp_path / "out", data_path=[str(assets.corpus), str(bad)],
                                    eval_steps=1), tmp_path / "run.json")

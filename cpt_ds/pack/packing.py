@@ -34,6 +34,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -307,6 +308,10 @@ def _inputs_and_output(inputs: Sequence[str | os.PathLike], output: str | os.Pat
     """The input files to pack (one shard's, with ``shard``), the output prefix, checked to be free, and
     the shard plan (what decided the cut, recorded in every shard's sidecar)."""
     check_output_prefix(output, "--output")
+    for spec in inputs:
+        if Path(spec).is_dir() and Path(output).resolve().is_relative_to(Path(spec).resolve()):
+            raise PackError(f"--output {output} lies inside the input folder {spec}, so its token files and "
+                            "PREFIX.partial/ would be read as inputs by the next run; write the output elsewhere")
     sources = discover_inputs(inputs)
     plan = None
     if shard is not None:
