@@ -31,7 +31,7 @@ from cpt_ds.token_check import check_ids
 from cpt_ds.token_file import IndexedTokenFile, TokenFileError
 
 from conftest import REPO, launch, run_config, write_config
-from helpers_data import load_tool, write_bytes, write_jsonl
+from helpers_data import BAD_INPUT_NAMES, bad_input_cases, load_tool, write_bytes, write_jsonl
 
 pack_tool = load_tool("pack_corpus")
 merge_tool = load_tool("merge_corpus")
@@ -202,18 +202,13 @@ def _corrupt(world: World, how: str) -> Path:
 
 def _existing_pack_rows() -> dict[str, Row]:
     """The pack_corpus rows of tests/test_pack_corpus.py's table, re-checked here."""
-    from test_pack_corpus import BAD_INPUT_NAMES, bad_input_cases
-
     def build(name: str):
         def make(world: World):
             args, _ = bad_input_cases(world.tmp, world.tiny_dir)[name]
             return world.tool(pack_tool, *args, "--output", world.tmp / "out" / "c", "--workers", "1", "--no-progress")
         return make
 
-    def fragments(name: str) -> list[str]:
-        return ["pack_corpus: error: "]  # the exact fragments are test_pack_corpus.py's to check
-
-    return {f"pack: {name}": (build(name), 2, fragments(name)) for name in BAD_INPUT_NAMES}
+    return {f"pack: {name}": (build(name), 2, ["pack_corpus: error: "]) for name in BAD_INPUT_NAMES}
 
 
 ROWS: dict[str, Row] = {
