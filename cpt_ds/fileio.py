@@ -39,3 +39,10 @@ def atomic_write_text(path: Path, text: str) -> None:
         os.fsync(handle.fileno())
     os.replace(temporary, path)
     fsync_path(path.parent)
+
+
+def cache_dir() -> Path:
+    """``$CPT_DS_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/cpt_ds``, by default ``~/.cache/cpt_ds``."""
+    if os.environ.get("CPT_DS_CACHE_DIR"):
+        return Path(os.environ["CPT_DS_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cpt_ds"

@@ -20,7 +20,8 @@ from cpt_ds.ds_config import DeepSpeedSettings, load_deepspeed_config
 from cpt_ds.hardware import slow_cpu_precision_warning
 from cpt_ds.loss import liger_problems
 from cpt_ds.model import dtype_problems, grown_vocabulary_problems, load_hf_config, quantization_problems
-from cpt_ds.token_file import IndexedTokenFile, TokenFileError, resolve_token_prefixes
+from cpt_ds.token_check import distinct_files, eval_overlap_warnings, same_file_problems, token_id_problems
+from cpt_ds.token_file import IndexedTokenFile, TokenFileError, check_shard_plans, resolve_token_prefixes
 from cpt_ds.tokenizer import TokenizerError, load_tokenizer, tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -58,21 +59,31 @@ def sidecar_tokenizer_fingerprint(meta: dict[str, Any] | None) -> str | None:
     return tokenizer.get("fingerprint") if isinstance(tokenizer, dict) else None
 
 
-def _open_token_files(field_name: str, entries: list[str], problems: list[str]) -> list[IndexedTokenFile]:
+def _open_token_files(field_name: str, entries: list[str], problems: list[str],
+                      origins: list[tuple[str, IndexedTokenFile]]) -> list[IndexedTokenFile]:
     """Every token file the entries name: a prefix, or a glob / folder of them (the shards of a
-    ``--shard K/N`` pack) read in sorted order; the files of all entries, flattened, in entry order."""
+    ``--shard K/N`` pack) read in sorted order; the files of all entries, flattened, in entry order.
+    ``(entry, file)`` of each is appended to ``origins`` (to name the entries of a file named twice)."""
     files = []
+    patterns = False
     for entry in entries:
         try:
             prefixes = resolve_token_prefixes(entry)
         except TokenFileError as error:
             problems.append(f"{field_name}: {error}")
             continue
+        patterns = patterns or prefixes != [entry]
         for prefix in prefixes:
             try:
                 files.append(IndexedTokenFile(prefix))
+                origins.append((entry, files[-1]))
             except TokenFileError as error:
                 problems.append(f"{field_name}: {error}")
+    try:
+        # Explicit prefixes may name one shard on purpose; a glob or folder must hold every part.
+        check_shard_plans(f"{field_name} {' '.join(entries)}", files, complete=patterns)
+    except TokenFileError as error:
+        problems.append(str(error))
     return files
 
 
@@ -91,14 +102,22 @@ def preflight(config: RunConfig, *, world_size: int, rank: int = 0) -> Plan:
     problems += _path_problems(config, ds)
     tokenizer, fingerprint = _open_tokenizer(model_cfg, problems)
     components, _ = data_cfg.components()
-    train_components = [(c.name, c.weight, _open_token_files("data_path", list(c.paths), problems)) for c in components]
+    train_origins: list[tuple[str, IndexedTokenFile]] = []
+    eval_origins: list[tuple[str, IndexedTokenFile]] = []
+    train_components = [(c.name, c.weight, _open_token_files("data_path", list(c.paths), problems, train_origins))
+                        for c in components]
     named_eval, _ = data_cfg.eval_sets()
-    eval_sets = [(name, _open_token_files("eval_data_path", [prefix], problems)) for name, prefix in named_eval]
+    eval_sets = [(name, _open_token_files("eval_data_path", [prefix], problems, eval_origins))
+                 for name, prefix in named_eval]
+    problems += same_file_problems(train_origins)
+    if rank == 0:
+        for warning in eval_overlap_warnings(train_origins, eval_origins):
+            logger.warning(warning)
     files = [file for _, _, group in train_components for file in group] + [
         file for _, group in eval_sets for file in group]
     if fingerprint:
         problems += _packed_with_problems(files, fingerprint, model_cfg.tokenizer_path)
-    hf_config, vocab_size = _model_shape(config, tokenizer, files, problems)
+    hf_config, vocab_size = _model_shape(config, tokenizer, problems)
     if ds is not None:
         problems += _engine_problems(config, ds)
         if rank == 0 and not torch.cuda.is_available():
@@ -111,6 +130,9 @@ def preflight(config: RunConfig, *, world_size: int, rank: int = 0) -> Plan:
     if train_cfg.eval_steps is not None and not has_eval_data:
         problems.append("eval_steps is set but there is no validation data: set eval_data_path or "
                         "validation_split_percentage > 0")
+    if vocab_size:
+        # Reading every .bin (once per machine, cached) is worth it only for an otherwise sound run.
+        problems += token_id_problems(distinct_files(files), vocab_size, full=not problems, rank=rank)
     if problems:
         raise ConfigError("invalid run configuration:\n  - " + "\n  - ".join(problems))
     assert ds is not None and hf_config is not None and tokenizer is not None
@@ -174,8 +196,7 @@ def _packed_with_problems(files: list[IndexedTokenFile], fingerprint: str, token
     return problems
 
 
-def _model_shape(config: RunConfig, tokenizer: Any, files: list[IndexedTokenFile],
-                 problems: list[str]) -> tuple[Any, int]:
+def _model_shape(config: RunConfig, tokenizer: Any, problems: list[str]) -> tuple[Any, int]:
     """``(hf_config or None, embedding rows)``: the model config checked against block size, tokenizer and data."""
     model_cfg, block_size = config.model, config.data.block_size
     if not all(getattr(model_cfg, name) is None or Path(getattr(model_cfg, name)).exists()
@@ -192,11 +213,6 @@ def _model_shape(config: RunConfig, tokenizer: Any, files: list[IndexedTokenFile
                         f"{max_positions}; lower block_size")
     vocab_size = max(hf_config.vocab_size, len(tokenizer) if tokenizer is not None else 0)
     problems += grown_vocabulary_problems(model_cfg, hf_config, vocab_size)
-    for file in files:
-        largest = (file.meta or {}).get("max_token_id")
-        if largest is not None and largest >= vocab_size:
-            problems.append(f"{file.bin_path} holds token id {largest} but the model's vocabulary has "
-                            f"{vocab_size} rows; pack with the model's tokenizer")
     return hf_config, vocab_size
 
 

@@ -25,7 +25,7 @@ import json
 import os
 import re
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +144,92 @@ def _check_shard_sets(what: str, prefixes: list[str]) -> None:
             raise TokenFileError(f"{what} holds {len(indices)} of the {count} shards of {base} (missing: {names}"
                                  f"{', ...' if len(missing) > 5 else ''}); pack the missing shards with "
                                  f"pack_corpus.py --shard K/{count}")
+
+
+def check_output_prefix(prefix: str | os.PathLike, flag: str) -> None:
+    """Refuse an output prefix that is a folder or whose file name is empty or hidden (``out/`` would
+    write ``out/.bin``, which a ``data_path`` folder entry skips as a hidden file)."""
+    text = str(prefix)
+    stem = str(paths_for(text)[0])[: -len(".bin")]
+    name = os.path.basename(stem)  # "" for "out/", unlike Path("out/").name
+    if not name or name.startswith(".") or Path(stem).is_dir():
+        example = Path(text.rstrip("/" + os.sep) or ".") / "corpus"
+        raise TokenFileError(f"{flag} {text} is a folder or ends in a hidden name, so the token files would be "
+                             f"hidden (.bin, .idx, .json); pass a file prefix such as {flag} {example}, which writes "
+                             f"{example}.bin/.idx/.json")
+
+
+# --------------------------------------------------------------------------------------------------
+# Shard plans: the parts of one --shard K/N pack belong together
+# --------------------------------------------------------------------------------------------------
+
+
+def shard_plan(inputs: Sequence[tuple[str, int]], count: int) -> dict[str, Any]:
+    """What decides the cut of a ``--shard K/N`` pack: the sorted input list (paths as given, sizes) and N;
+    recorded in every shard's sidecar with a sha256 over it, so parts cut from different lists are caught."""
+    listing = [{"path": path, "bytes": size} for path, size in inputs]
+    digest = hashlib.sha256(json.dumps([count, listing], sort_keys=True).encode()).hexdigest()
+    return {"count": count, "inputs": listing, "sha256": digest}
+
+
+def check_shard_plans(what: str, files: Sequence[Any], *, complete: bool, ordered: bool = False) -> None:
+    """Shards (sidecars with a ``shard`` record) among ``files``, per set (file name base and N): all cut by
+    one plan, each part once, with ``complete`` every part present, with ``ordered`` in shard order.
+
+    Sidecars written before plans were recorded have none: their parts are checked by name only.
+    """
+    groups: dict[tuple[str, int], list[tuple[Any, int]]] = {}
+    for file in files:
+        shard = (file.meta or {}).get("shard")
+        if isinstance(shard, dict):
+            match = _SHARD_NAME.match(Path(file.prefix).name)
+            base = match["base"] if match else Path(file.prefix).name
+            groups.setdefault((base, int(shard["count"])), []).append((file, int(shard["index"])))
+    for (base, count), parts in groups.items():
+        plans: dict[str, tuple[Any, dict[str, Any]]] = {}
+        for file, _ in parts:
+            plan = file.meta["shard"].get("plan")
+            if isinstance(plan, dict):
+                plans.setdefault(str(plan.get("sha256")), (file, plan))
+        if len(plans) > 1:
+            (first, plan_a), (second, plan_b) = list(plans.values())[:2]
+            raise TokenFileError(f"{what}: shards {first.prefix} and {second.prefix} were cut from different input "
+                                 f"lists ({_plan_difference(plan_a, plan_b)}); pack every shard of a corpus from the "
+                                 "same --input list (the same paths and sizes)")
+        seen: dict[int, Any] = {}
+        for file, index in parts:
+            if index in seen:
+                raise TokenFileError(f"{what}: shard {index} of {count} of {base} is named twice ({seen[index].prefix} "
+                                     f"and {file.prefix}); name each part once")
+            seen[index] = file
+        missing = sorted(set(range(1, count + 1)) - set(seen))
+        if complete and missing:
+            names = ", ".join(f"{base}-{k:05d}-of-{count:05d}" for k in missing[:5])
+            raise TokenFileError(f"{what}: {len(missing)} of the {count} shards of {base} are missing ({names}"
+                                 f"{', ...' if len(missing) > 5 else ''}); pack them with pack_corpus.py --shard "
+                                 f"K/{count} and pass every part")
+        positions = [position for position, file in enumerate(files) if any(file is part for part, _ in parts)]
+        indices = [index for _, index in parts]
+        if ordered and (indices != sorted(indices) or positions != list(range(positions[0], positions[-1] + 1))):
+            raise TokenFileError(f"{what}: the shards of {base} are not given in shard order, one after another "
+                                 f"(shards {', '.join(map(str, indices))}); pass them as PREFIX-* (sorted) so the "
+                                 "result equals one pack")
+
+
+def _plan_difference(first: dict[str, Any], second: dict[str, Any]) -> str:
+    """The first way two shard plans differ, in words."""
+    a = {entry["path"]: entry["bytes"] for entry in first.get("inputs", [])}
+    b = {entry["path"]: entry["bytes"] for entry in second.get("inputs", [])}
+    counts = f"{len(a)} vs {len(b)} input files"
+    for path in a:
+        if path not in b:
+            return f"{counts}; {path} is in the first list only"
+        if a[path] != b[path]:
+            return f"{counts}; {path} is {a[path]:,} vs {b[path]:,} bytes"
+    for path in b:
+        if path not in a:
+            return f"{counts}; {path} is in the second list only"
+    return f"{counts}; N {first.get('count')} vs {second.get('count')}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -329,20 +415,24 @@ class IndexedTokenFile:
             raise TokenFileError(f"{self.json_path}: no sidecar, so the vocabulary size is unknown; "
                                  "pass the vocabulary size to verify against")
         digest = hashlib.sha256()
+        first_bad = None  # (position, document, id): reported after the checksum, which tells rot from a wrong tokenizer
         for chunk_index, chunk in enumerate(self.iter_chunks()):
             digest.update(chunk.tobytes())
-            if chunk.size:
+            if chunk.size and first_bad is None:
                 low, high = int(chunk.min()), int(chunk.max())
                 if low < 0 or high >= vocab:
                     bad = int(np.flatnonzero((chunk < 0) | (chunk >= vocab))[0])
                     position = chunk_index * (1 << 24) + bad
                     document = int(np.searchsorted(self.document_token_offsets, position, side="right") - 1)
-                    raise TokenFileError(
-                        f"{self.bin_path}: token {position} (document {document}) has id {int(chunk[bad])}, "
-                        f"outside the vocabulary [0, {vocab}); the file was packed with another tokenizer "
-                        "or is corrupt: pack it again with the model's tokenizer")
+                    first_bad = position, document, int(chunk[bad])
             if progress is not None:
                 progress(chunk.nbytes)
+        where = "" if first_bad is None else (f"token {first_bad[0]} (document {first_bad[1]}) has id {first_bad[2]}, "
+                                              f"outside the vocabulary [0, {vocab})")
         if self.meta is not None and self.meta.get("bin_sha256") != digest.hexdigest():
             raise TokenFileError(f"{self.bin_path}: sha256 {digest.hexdigest()} does not match the sidecar's "
-                                 f"{self.meta.get('bin_sha256')}; the token data is corrupt: copy or pack it again")
+                                 f"{self.meta.get('bin_sha256')}{f' ({where})' if where else ''}; the token data is "
+                                 "corrupt: copy or pack it again")
+        if first_bad is not None:
+            raise TokenFileError(f"{self.bin_path}: {where}; the file was packed with another tokenizer or is corrupt: "
+                                 "pack it again with the model's tokenizer")

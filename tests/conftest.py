@@ -23,6 +23,7 @@ import pytest
 from cpt_ds.distributed import free_port, remove_shm_buffers
 from cpt_ds.launch import deepspeed_command, write_hostfile
 from cpt_ds.toy import TINY_MODEL, python_corpus_texts
+from helpers_pool import RankPool
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "train.py"
@@ -156,11 +157,18 @@ def launch_env() -> dict[str, str]:
 
 
 def launch(args: list[str], *, workdir: Path, ranks: int = 2, script: Path = TRAIN, timeout: float = 600,
-           cwd: Path = REPO) -> Launch:
-    """Run ``script args`` on ``ranks`` gloo ranks through the deepspeed launcher, from folder ``cwd``;
-    never raises on failure."""
-    port = free_port()
+           cwd: Path = REPO, launcher: bool = False) -> Launch:
+    """Run ``script args`` on ``ranks`` gloo ranks from folder ``cwd``; never raises on failure.
+
+    Jobs run on the session's rank pool of that size (tests/helpers_pool.py); ``launcher=True``
+    starts the real deepspeed launcher, for what only a fresh launch shows (a world-size change
+    resumed in a fresh process, launcher exit codes).
+    """
     workdir.mkdir(parents=True, exist_ok=True)
+    if not launcher:
+        code, output = rank_pool(ranks).run(script, args, cwd=cwd, env=launch_env(), workdir=workdir, timeout=timeout)
+        return Launch(returncode=code, output=output, port=0)
+    port = free_port()
     command = launcher_command(script, args, ranks=ranks, port=port, workdir=workdir)
     try:
         done = subprocess.run(command, cwd=cwd, env=launch_env(), stdout=subprocess.PIPE,
@@ -170,9 +178,24 @@ def launch(args: list[str], *, workdir: Path, ranks: int = 2, script: Path = TRA
     return Launch(returncode=done.returncode, output=done.stdout, port=port)
 
 
-def train(config: dict[str, Any], *, workdir: Path, ranks: int = 2, extra: list[str] | None = None) -> Launch:
+_POOLS: dict[int, RankPool] = {}
+
+
+def rank_pool(num_ranks: int) -> RankPool:
+    if num_ranks not in _POOLS:
+        _POOLS[num_ranks] = RankPool(num_ranks, launcher_command, launch_env)
+    return _POOLS[num_ranks]
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    for pool in _POOLS.values():
+        pool.shutdown()
+
+
+def train(config: dict[str, Any], *, workdir: Path, ranks: int = 2, extra: list[str] | None = None,
+          launcher: bool = False) -> Launch:
     path = write_config(config, workdir / f"run_{len(list(workdir.glob('run_*.json')))}.json")
-    return launch(["--config", str(path), *(extra or [])], workdir=workdir, ranks=ranks)
+    return launch(["--config", str(path), *(extra or [])], workdir=workdir, ranks=ranks, launcher=launcher)
 
 
 class Background:

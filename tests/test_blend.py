@@ -16,6 +16,7 @@ from cpt_ds.preflight import preflight
 from cpt_ds.token_file import IndexedTokenFile
 
 from conftest import REPO, eval_records, launch, metrics, run_config, train
+from helpers_runs import assert_same_curve_to_float_rounding, change_world_size
 
 sys.path.insert(0, str(REPO / "tools"))
 from plot_run import plot_run, read_records  # noqa: E402
@@ -227,8 +228,6 @@ def test_plot_draws_each_step_once_after_a_resume(tmp_path):
 
 
 def test_world_size_change_with_a_blend_keeps_the_position(assets, replay_corpus, tmp_path):
-    from test_resume import assert_same_curve_to_float_rounding, change_world_size
-
     def make(assets_, out, **overrides):
         return blend_config(assets_, replay_corpus, out, **overrides)
 

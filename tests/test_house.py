@@ -60,3 +60,33 @@ def test_the_size_check_sees_what_it_guards(tmp_path):
         f"cpt_ds/probe.py ({MAX_MODULE_LINES + 1} lines)",
         f"cpt_ds/probe.py:{MAX_FUNCTION_LINES + 1} g ({MAX_FUNCTION_LINES + 1} lines)",
         f"cpt_ds/probe.py:{2 * MAX_FUNCTION_LINES + 2} C ({MAX_CLASS_LINES + 1} lines)"]
+
+
+def test_modules_imported(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("import os\nfrom conftest import REPO\nimport test_x as x\n\ndef f():\n    from test_y import g\n"
+                     "    from .helpers_data import h\n")
+    assert modules_imported(probe) == {"os", "conftest", "test_x", "test_y", "helpers_data"}
+
+
+def modules_imported(path) -> set[str]:
+    """Top-level module names ``path`` imports, at any depth of the file (local imports included)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_no_test_module_imports_another_test_module():
+    """Shared test code lives in conftest.py and tests/helpers*.py, so any test file runs alone and in
+    any order; benchmarks may not borrow from tests either."""
+    users = sorted((REPO / "tests").rglob("*.py")) + sorted((REPO / "benchmarks").rglob("*.py"))
+    borrowed = {str(path.relative_to(REPO)): sorted(name for name in modules_imported(path) if name.startswith("test_"))
+                for path in users}
+    assert {path: names for path, names in borrowed.items() if names} == {}
+    benchmarks = {str(path.relative_to(REPO)) for path in (REPO / "benchmarks").rglob("*.py")
+                  if modules_imported(path) & {"conftest", "helpers_data", "helpers_runs", "helpers_pool"}}
+    assert benchmarks == set()

@@ -30,9 +30,11 @@ from cpt_ds.token_file import IndexedTokenFile, TokenFileError
 from cpt_ds.tokenizer import decode, load_tokenizer, read_tokenizer, tokenizer_fingerprint
 
 from helpers_data import (
+    BAD_INPUT_NAMES,
     EDGE_CASES,
     LLAMA3_TOKENIZER,
     REPO,
+    bad_input_cases,
     chinese_documents,
     english_documents,
     load_tool,
@@ -367,48 +369,6 @@ def run_pack_cli(capsys, *args: str) -> tuple[int, str, str]:
     code = pack_tool.main([*args, "--workers", "1", "--no-progress"])
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def bad_input_cases(tmp: Path, tiny_dir: Path) -> dict[str, tuple[list[str], list[str]]]:
-    """name -> (arguments, fragments the error line must contain)."""
-    good = write_jsonl(tmp / "good.jsonl", ["fine"])
-    broken = tmp / "broken_tokenizer"
-    broken.mkdir()
-    (broken / "tokenizer.json").write_text('{"model": ')
-    empty = tmp / "empty_folder"
-    empty.mkdir()
-    bad_utf8 = write_bytes(tmp / "bad.txt", "ok\nbad \xff here\n".encode("latin-1"))
-    bad_utf8_gz = write_bytes(tmp / "bad.txt.gz", b"fine\n" * 3 + b"caf\xe9\n")
-    malformed = write_bytes(tmp / "malformed.jsonl", b'{"text": "a"}\n\n{"text": "b"\n')
-    no_key = write_bytes(tmp / "nokey.jsonl", b'{"text": "a"}\n{"body": "b"}\n')
-    not_string = write_bytes(tmp / "number.jsonl", b'{"text": 42}\n')
-    corrupt_gz = write_bytes(tmp / "corrupt.jsonl.gz", b"")
-    corrupt_gz.write_bytes(write_jsonl(tmp / "x.jsonl.gz", ["a"] * 100).read_bytes()[:40])
-    unknown = write_bytes(tmp / "data.csv", b"a,b\n")
-    tok = ["--tokenizer", str(tiny_dir)]
-    return {
-        "missing tokenizer": (["--input", str(good), "--tokenizer", str(tmp / "nope")],
-                              [str(tmp / "nope"), "does not exist"]),
-        "unreadable tokenizer": (["--input", str(good), "--tokenizer", str(broken)],
-                                 [str(broken / "tokenizer.json"), "not valid JSON"]),
-        "no input files": (["--input", str(empty), *tok], [str(empty), "holds no files"]),
-        "glob matches nothing": (["--input", str(tmp / "*.nothing"), *tok], ["matches no file"]),
-        "missing input": (["--input", str(tmp / "absent.txt"), *tok], [str(tmp / "absent.txt"), "does not exist"]),
-        "unknown extension": (["--input", str(unknown), *tok], [str(unknown), "unknown file type"]),
-        "invalid utf-8": (["--input", str(bad_utf8), *tok],
-                          [str(bad_utf8), "invalid UTF-8 at byte offset 7 (line 2", "--encoding-errors replace"]),
-        "invalid utf-8 compressed": (["--input", str(bad_utf8_gz), *tok],
-                                     [str(bad_utf8_gz), "byte offset 18 of the decompressed data (line 4"]),
-        "malformed jsonl": (["--input", str(malformed), *tok], [f"{malformed}:3:", "malformed JSON"]),
-        "missing json key": (["--input", str(no_key), *tok], [f"{no_key}:2:", "no key 'text'", "body", "--json-key"]),
-        "json value not a string": (["--input", str(not_string), *tok], [f"{not_string}:1:", "not a string"]),
-        "corrupt gzip": (["--input", str(corrupt_gz), *tok], [str(corrupt_gz), "corrupt or truncated"]),
-    }
-
-
-BAD_INPUT_NAMES = ["missing tokenizer", "unreadable tokenizer", "no input files", "glob matches nothing",
-                   "missing input", "unknown extension", "invalid utf-8", "invalid utf-8 compressed",
-                   "malformed jsonl", "missing json key", "json value not a string", "corrupt gzip"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUT_NAMES)

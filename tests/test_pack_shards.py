@@ -12,7 +12,7 @@ import pytest
 from cpt_ds.pack.packing import PackOptions, pack_corpus
 from cpt_ds.pack.sources import InputFile, PackError, parse_shard, select_shard
 from cpt_ds.pack.writer import IndexedTokenWriter
-from cpt_ds.token_file import IndexedTokenFile, TokenFileError, resolve_token_prefixes
+from cpt_ds.token_file import IndexedTokenFile, TokenFileError, resolve_token_prefixes, shard_plan
 
 from conftest import DRIVERS, launch, run_config, train_losses, write_config
 from helpers_data import chinese_documents, english_documents, load_tool, output_files, write_jsonl
@@ -60,7 +60,10 @@ def test_shards_hold_every_document_once_and_merge_into_one_pack(tmp_path, five_
     assert sum((documents(p) for p in prefixes), []) == documents(union)
     shard_inputs = [[Path(i["path"]).name for i in IndexedTokenFile(p).meta["inputs"]] for p in prefixes]
     assert sum(shard_inputs, []) == [f"{n}.jsonl" for n in "abcde"] and all(shard_inputs)
-    assert [IndexedTokenFile(p).meta["shard"] for p in prefixes] == [{"index": k, "count": 3} for k in (1, 2, 3)]
+    plan = shard_plan([((five_files / "in" / f"{n}.jsonl").as_posix(), (five_files / "in" / f"{n}.jsonl").stat().st_size)
+                       for n in "abcde"], 3)
+    assert [IndexedTokenFile(p).meta["shard"] for p in prefixes] == [{"index": k, "count": 3, "plan": plan}
+                                                                     for k in (1, 2, 3)]
 
     merged = tmp_path / "merged"
     assert merge_tool.main([str(merged), f"{parts}-*"]) == 0

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers_runs import assert_same_curve_to_float_rounding, change_world_size
 from conftest import (
     DRIVERS,
     Background,
@@ -214,34 +215,13 @@ def test_damaged_shard_is_named(assets, tmp_path, reference_runs, damage):
     assert str(shard) in result.output and expected in result.output, result.output[-3000:]
 
 
-def change_world_size(make_config, assets, tmp_path: Path, **base) -> tuple[Path, Path, str]:
-    """A reference run on 2 ranks x 2 micro-batches, and the same run stopped at step 4 and continued
-    on 1 rank x 4 micro-batches (the same global batch); ``(reference, resumed, resumed launch output)``."""
-    work_a, work_b = tmp_path / "a", tmp_path / "b"
-    reference, out = work_a / "out", work_b / "out"
-    train(make_config(assets, reference, **base), workdir=work_a).check()
-    train(make_config(assets, out, stop_at_step=4, **base), workdir=work_b).check()
-    resumed = train(make_config(assets, out, gradient_accumulation_steps=4, **base), workdir=work_b, ranks=1).check()
-    assert "saved by 2 ranks, this run has 1: loading it through DeepSpeed's universal checkpoint" in resumed.output
-    assert "resumed at step 4, consumed_samples 32" in resumed.output
-    return reference, out, resumed.output
-
-
-def assert_same_curve_to_float_rounding(resumed: Path, reference: Path) -> None:
-    """Same weights, optimizer state and samples, so the same curve up to the order of the float sums
-    (fp32 over 1 rank vs 2: ~1e-8). Under ZeRO-3 this pins the two repairs after DeepSpeed's universal
-    load (group hyperparameters, Adam's shared step): without them, 1e-5 at the next step, 1e-3 by the end."""
-    for a, b in zip(metrics(resumed), metrics(reference), strict=True):
-        key = "loss" if "loss" in a else "eval_loss"
-        assert a["step"] == b["step"] and a[key] == pytest.approx(b[key], rel=1e-6, abs=0)
-
-
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_world_size_change_continues_the_data_position(assets, tmp_path, stage):
     """2 ranks x 2 micro-batches -> 1 rank x 4 micro-batches keeps the global batch (and so the curve)."""
     base = dict(deepspeed=str(assets.ds[f"{stage}_ga2"]), max_steps=STEPS, eval_steps=4,
                 max_train_samples=EPOCH_SAMPLES)
-    reference, out, _ = change_world_size(run_config, assets, tmp_path, **base)
+    # One world-size change goes through the real launcher: the 1-rank process starts fresh.
+    reference, out, _ = change_world_size(run_config, assets, tmp_path, launcher=stage == "zero2", **base)
     ours, theirs = metrics(out), metrics(reference)
     assert [r["consumed_samples"] for r in ours if "loss" in r] == [r["consumed_samples"] for r in theirs if "loss" in r]
     assert_same_curve_to_float_rounding(out, reference)

@@ -103,7 +103,8 @@ def inspect(args: argparse.Namespace) -> None:
         from tqdm import tqdm
 
         with tqdm(total=token_file.num_tokens * token_file.dtype.itemsize, unit="B", unit_scale=True,
-                  desc="verifying", leave=False) as bar:
+                  desc="verifying", leave=False,
+                  disable=None) as bar:  # no bar unless stderr is a terminal: errors stay one line
             token_file.verify(args.vocab_size, progress=bar.update)
         vocab = args.vocab_size or token_file.vocab_size
         checksum = "checksum matches the sidecar, " if token_file.meta else ""

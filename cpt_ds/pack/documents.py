@@ -23,6 +23,7 @@ def chunk_documents(chunk: RawChunk, *, json_key: str, encoding_errors: Encoding
     if chunk.kind in ROW_FORMATS:
         return _non_empty(enumerate(_row_values(chunk, encoding_errors), chunk.first_line))
     data: bytes = chunk.data
+    _refuse_nul(chunk, data)
     start = len(codecs.BOM_UTF8) if chunk.first_byte == 0 and data.startswith(codecs.BOM_UTF8) else 0
     text = _decode(chunk, data, start, encoding_errors)
     if chunk.kind == "file":
@@ -68,6 +69,18 @@ def _paragraphs(lines: list[str], first_line: int) -> ChunkDocuments:
             texts.append("\n".join(paragraph))
             paragraph = []
     return ChunkDocuments(texts, locations, 0)
+
+
+def _refuse_nul(chunk: RawChunk, data: bytes) -> None:
+    # UTF-8 text has no NUL bytes (JSON must escape them as \u0000): one means a binary file, UTF-16
+    # text or a corrupt copy, which would otherwise pack as a few long documents of junk tokens.
+    position = data.find(b"\x00")
+    if position >= 0:
+        line = chunk.first_line + data.count(b"\n", 0, position)
+        stream = " of the decompressed data" if chunk.compressed else ""
+        raise PackError(f"{chunk.path}: NUL byte at byte offset {chunk.first_byte + position}{stream} (line {line}), "
+                        "so this is a binary file, not UTF-8 text; leave it out of --input, convert it to UTF-8 "
+                        "or strip the NUL bytes (tr -d '\\000')")
 
 
 def _decode(chunk: RawChunk, data: bytes, start: int, encoding_errors: EncodingErrors) -> str:

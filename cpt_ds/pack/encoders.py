@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
+from cpt_ds.fileio import cache_dir
 from cpt_ds.tokenizer import TokenizerError, TokenizerInfo
 
 logger = logging.getLogger(__name__)
@@ -269,13 +270,6 @@ def merges_refusal(vocab: dict[str, int], merges: list[Any]) -> str | None:
 MERGES_CACHE_NAME = "fast_encoder_merges.json"
 MERGES_CACHE_VERSION = 1
 MAX_MERGES_CACHE_ENTRIES = 64
-
-
-def cache_dir() -> Path:
-    """``$CPT_DS_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/cpt_ds``, by default ``~/.cache/cpt_ds``."""
-    if os.environ.get("CPT_DS_CACHE_DIR"):
-        return Path(os.environ["CPT_DS_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cpt_ds"
 
 
 def cached_merges_refusal(vocab: dict[str, int], merges: list[Any], json_sha256: str) -> str | None:

@@ -26,7 +26,14 @@ import numpy as np
 
 from cpt_ds import __version__
 from cpt_ds.pack.writer import INDEX_BLOCK, publish, write_index_blocks, write_sidecar
-from cpt_ds.token_file import IndexedTokenFile, TokenFileError, paths_for, resolve_token_prefixes
+from cpt_ds.token_file import (
+    IndexedTokenFile,
+    TokenFileError,
+    check_output_prefix,
+    check_shard_plans,
+    paths_for,
+    resolve_token_prefixes,
+)
 
 _COPY_BLOCK = 16 << 20
 # Sidecar fields that describe one part only; every other field must agree across the parts.
@@ -55,6 +62,7 @@ def merge_token_files(output: str | os.PathLike, parts: Sequence[str], *, overwr
     (or ``{}`` when the parts have none)."""
     if not parts:
         raise TokenFileError("no token files to merge; pass the parts' prefixes, a glob or a folder")
+    check_output_prefix(output, "OUT")
     files = [IndexedTokenFile(prefix) for prefix in parts]
     bin_path, idx_path, json_path = paths_for(output)
     out_prefix = str(bin_path)[: -len(".bin")]
@@ -70,6 +78,7 @@ def merge_token_files(output: str | os.PathLike, parts: Sequence[str], *, overwr
         if file.dtype != dtype:
             raise TokenFileError(f"{file.idx_path} holds {file.dtype.name} tokens but {files[0].idx_path} holds "
                                  f"{dtype.name}; merge only token files packed with the same tokenizer")
+    check_shard_plans("merge_corpus", files, complete=True, ordered=True)
     with_sidecar = [file.meta is not None for file in files]
     if any(with_sidecar) and not all(with_sidecar):
         lacking = files[with_sidecar.index(False)]
@@ -81,7 +90,7 @@ def merge_token_files(output: str | os.PathLike, parts: Sequence[str], *, overwr
     tag = f".tmp-{os.getpid()}"
     tmp_bin, tmp_idx, tmp_json = (p.with_name(p.name + tag) for p in (bin_path, idx_path, json_path))
     try:
-        digest = _copy_data(files, tmp_bin)
+        digest, largest = _copy_data(files, tmp_bin)
         num_sequences = sum(file.num_sequences for file in files)
         num_document_indices = sum(file.num_documents for file in files) + 1
         write_index_blocks(tmp_idx, num_sequences, lambda: _length_blocks(files), dtype,
@@ -90,7 +99,7 @@ def merge_token_files(output: str | os.PathLike, parts: Sequence[str], *, overwr
         if sidecar is not None:
             sidecar = write_sidecar(tmp_json, sidecar, dtype=dtype, num_documents=sum(f.num_documents for f in files),
                                     num_tokens=sum(f.num_tokens for f in files),
-                                    max_token_id=max((f.meta or {}).get("max_token_id", -1) for f in files),
+                                    max_token_id=largest,
                                     bin_sha256=digest)
             moves.append((tmp_json, json_path))
         elif json_path.exists():
@@ -141,9 +150,11 @@ def _show(value: Any) -> str:
     return text[:16] + "..." if len(text) > 40 else text
 
 
-def _copy_data(files: list[IndexedTokenFile], destination: Path) -> str:
-    """Append every part's ``.bin`` to ``destination``, checking each against its sidecar; the merged sha256."""
+def _copy_data(files: list[IndexedTokenFile], destination: Path) -> tuple[str, int]:
+    """Append every part's ``.bin`` to ``destination``, checking each against its sidecar; the merged sha256
+    and largest id (read from the data: a part's sidecar may predate ``max_token_id``)."""
     merged = hashlib.sha256()
+    largest = -1
     with open(destination, "wb") as out:
         for file in files:
             own = hashlib.sha256()
@@ -152,13 +163,14 @@ def _copy_data(files: list[IndexedTokenFile], destination: Path) -> str:
                     own.update(block)
                     merged.update(block)
                     out.write(block)
+                    largest = max(largest, int(np.frombuffer(block, dtype=file.dtype).max()))
             expected = (file.meta or {}).get("bin_sha256")
             if expected is not None and own.hexdigest() != expected:
                 raise TokenFileError(f"{file.bin_path}: sha256 {own.hexdigest()[:16]}... does not match its sidecar's "
                                      f"{expected[:16]}...; the token data is corrupt: copy or pack it again")
         out.flush()
         os.fsync(out.fileno())
-    return merged.hexdigest()
+    return merged.hexdigest(), largest
 
 
 def _length_blocks(files: list[IndexedTokenFile]) -> Iterator[np.ndarray]:

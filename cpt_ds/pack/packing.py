@@ -27,12 +27,14 @@ unmarked), BOS by the ``bos`` policy. Special-token strings inside a text are en
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -53,7 +55,7 @@ from cpt_ds.pack.sources import (
     select_shard,
 )
 from cpt_ds.pack.workers import EncodedChunk, WorkerConfig, Workers, default_workers
-from cpt_ds.token_file import paths_for, shard_prefix, token_dtype_for_vocab
+from cpt_ds.token_file import check_output_prefix, paths_for, shard_plan, shard_prefix, token_dtype_for_vocab
 from cpt_ds.tokenizer import read_tokenizer, tokenizer_files
 
 logger = logging.getLogger(__name__)
@@ -238,7 +240,7 @@ def pack_corpus(
     options = options or PackOptions()
     workers = default_workers() if workers is None else workers
     _check_settings(workers, chunk_bytes, checkpoint_seconds)
-    sources, output = _inputs_and_output(inputs, output, shard, overwrite)
+    sources, output, plan = _inputs_and_output(inputs, output, shard, overwrite)
     tokenizer_files(tokenizer)  # a missing tokenizer folder is reported before any worker starts
     with Workers(workers, tokenizer) as pool:
         tokenization = _prepare_tokenization(tokenizer, options)
@@ -254,13 +256,14 @@ def pack_corpus(
                       for source, digest in zip(sources, input_hashes, strict=True)]
 
         encode_start = time.perf_counter()
-        with PartialPack(output, dtype=tokenization.dtype, key=_resume_key(tokenization, options), inputs=identities,
-                         resume=resume) as partial:
+        with _removing_new_folders(output), \
+                PartialPack(output, dtype=tokenization.dtype, key=_resume_key(tokenization, options),
+                            inputs=identities, resume=resume) as partial:
             num_resumed = partial.committed.num_documents
             totals = _write(sources, options, partial, pool, chunk_bytes=chunk_bytes, progress=progress,
                             checkpoint_seconds=checkpoint_seconds,
                             sidecar=lambda totals: _sidecar(sources, input_hashes, totals, tokenization, options,
-                                                            shard))
+                                                            shard, plan))
     now = time.perf_counter()
     summary = _summary(output, sources, totals, tokenization, seconds=now - start,
                        encode_seconds=now - encode_start, num_resumed=num_resumed)
@@ -268,6 +271,22 @@ def pack_corpus(
                 summary.num_documents, summary.num_tokens, summary.seconds, summary.encode_seconds,
                 summary.num_tokens / max(summary.encode_seconds, 1e-9) / 1e6, summary.seconds - summary.encode_seconds)
     return summary
+
+
+@contextlib.contextmanager
+def _removing_new_folders(output: str | os.PathLike) -> Iterator[None]:
+    """On failure, remove the output's folders this pack created while they are empty (deepest first): a
+    pack that fails before its first commit leaves nothing, one that committed keeps its partial state."""
+    created = [folder for folder in paths_for(output)[0].parents if not folder.exists()]
+    try:
+        yield
+    except BaseException:
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
 
 
 def _check_settings(workers: int, chunk_bytes: int, checkpoint_seconds: float) -> None:
@@ -284,17 +303,26 @@ def _check_settings(workers: int, chunk_bytes: int, checkpoint_seconds: float) -
 
 
 def _inputs_and_output(inputs: Sequence[str | os.PathLike], output: str | os.PathLike,
-                       shard: tuple[int, int] | None, overwrite: bool) -> tuple[list[InputFile], str | os.PathLike]:
-    """The input files to pack (one shard's, with ``shard``) and the output prefix, checked to be free."""
+                       shard: tuple[int, int] | None, overwrite: bool
+                       ) -> tuple[list[InputFile], str | os.PathLike, dict[str, Any] | None]:
+    """The input files to pack (one shard's, with ``shard``), the output prefix, checked to be free, and
+    the shard plan (what decided the cut, recorded in every shard's sidecar)."""
+    check_output_prefix(output, "--output")
+    for spec in inputs:
+        if Path(spec).is_dir() and Path(output).resolve().is_relative_to(Path(spec).resolve()):
+            raise PackError(f"--output {output} lies inside the input folder {spec}, so its token files and "
+                            "PREFIX.partial/ would be read as inputs by the next run; write the output elsewhere")
     sources = discover_inputs(inputs)
+    plan = None
     if shard is not None:
+        plan = shard_plan([(source.path.as_posix(), source.num_bytes) for source in sources], shard[1])
         sources = select_shard(sources, *shard)
         output = shard_prefix(output, *shard)
     existing = [str(p) for p in paths_for(output) if p.exists()]
     # A .bin/.json without .idx beside a publishing state: this pack's own, half renamed when it was killed.
     if existing and not overwrite and not pending_publish(output):
         raise PackError(f"output already exists ({', '.join(existing)}); choose another --output or pass --overwrite")
-    return sources, output
+    return sources, output, plan
 
 
 def _summary(output: str | os.PathLike, sources: list[InputFile], totals: _Totals, tokenization: _Tokenization, *,
@@ -376,10 +404,11 @@ def _write(sources: list[InputFile], options: PackOptions, partial: PartialPack,
 
 
 def _sidecar(sources: list[InputFile], input_hashes: list[str], totals: _Totals, tokenization: _Tokenization,
-             options: PackOptions, shard: tuple[int, int] | None = None) -> dict[str, Any]:
+             options: PackOptions, shard: tuple[int, int] | None = None,
+             plan: dict[str, Any] | None = None) -> dict[str, Any]:
     # Only what the inputs and options determine: no time, host, worker count or temp path, so a
     # rerun writes a byte-identical sidecar.
-    extra = {} if shard is None else {"shard": {"index": shard[0], "count": shard[1]}}
+    extra = {} if shard is None else {"shard": {"index": shard[0], "count": shard[1], "plan": plan}}
     return {
         **extra,
         "tool": "cpt-ds tools/pack_corpus.py",
