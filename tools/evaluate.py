@@ -25,7 +25,6 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -42,6 +41,7 @@ from cpt_ds.export import exported_document_attention, load_exported_model  # no
 from cpt_ds.loss import LossSettings, attach_loss_forward  # noqa: E402
 from cpt_ds.metrics import evaluate_sets, total_metrics  # noqa: E402
 from cpt_ds.preflight import sidecar_tokenizer_fingerprint  # noqa: E402
+from cpt_ds.token_check import check_ids  # noqa: E402
 from cpt_ds.token_file import IndexedTokenFile, TokenFileError  # noqa: E402
 from cpt_ds.tokenizer import TokenizerError, tokenizer_fingerprint  # noqa: E402
 
@@ -80,25 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(int(os.environ.get("RANK", "0")))
     return run_tool(lambda: evaluate(args), TokenFileError, CheckpointError, debug=args.debug)
-
-
-def check_ids_in_vocabulary(file: IndexedTokenFile, vocab_size: int, num_tokens: int) -> None:
-    """Refuse ``file`` if one of its first ``num_tokens`` ids is outside ``[0, vocab_size)``; a vectorized
-    scan of the memory map (the embedding lookup would fail with an IndexError far from the cause).
-
-    The one place evaluate checks ids: point it at a shared token-file check once there is one.
-    """
-    chunk = 1 << 24
-    for start in range(0, num_tokens, chunk):
-        ids = file.tokens(start, min(start + chunk, num_tokens))
-        if int(ids.max()) < vocab_size and int(ids.min()) >= 0:
-            continue
-        position = start + int(np.flatnonzero((ids < 0) | (ids >= vocab_size))[0])
-        document = int(np.searchsorted(file.document_token_offsets, position, side="right") - 1)
-        bad = int(ids[position - start])
-        raise TokenFileError(f"{file.bin_path}: token {position} (document {document}) has id {bad}, "
-                             f"outside the model's vocabulary [0, {vocab_size}); the file was packed with another "
-                             f"tokenizer or is corrupt: check it with tools/inspect_corpus.py {file.prefix} --verify")
 
 
 def check_model_folder(folder: Path) -> None:
@@ -169,8 +150,7 @@ def evaluate(args: argparse.Namespace) -> None:
     model = load_exported_model(folder, dtype=DTYPES[args.dtype], attn_implementation=implementation)
     rows = model.get_input_embeddings().num_embeddings
     for part in samples.values():
-        # A sample reads block_size + 1 tokens; the last sample ends at this position.
-        check_ids_in_vocabulary(part.stream.files[0], rows, len(part) * args.block_size + 1)
+        check_ids(part.stream.files[0], rows)  # the training preflight's check: sha256 and ids, cached per machine
     rank, world_size, _ = init_distributed()
     model = model.to(device())
     attach_loss_forward(model, LossSettings(chunk_size=args.loss_chunk_size))
