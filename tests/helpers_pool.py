@@ -40,8 +40,9 @@ class PoolBroken(RuntimeError):
 class RankPool:
     """``num_ranks`` ranks on this machine, started on first use."""
 
-    def __init__(self, num_ranks: int, command_for, env_for):
+    def __init__(self, num_ranks: int, command_for, env_for, *, failed_rank_grace: float = FAILED_RANK_GRACE):
         self.num_ranks = num_ranks
+        self.failed_rank_grace = failed_rank_grace
         self._command_for = command_for
         self._env_for = env_for
         self._process: subprocess.Popen | None = None
@@ -101,40 +102,37 @@ class RankPool:
         job = {"script": str(script), "argv": [str(a) for a in args], "cwd": str(cwd), "env": env, "logs": logs}
         for connection in self._connections:
             connection.send(job)
-        codes = self._collect(timeout)
+        code = self._collect(timeout)
         output = "".join(Path(log).read_text(errors="replace") if Path(log).exists() else "" for log in logs)
-        if codes is None:
+        if code is None:
             raise subprocess.TimeoutExpired(f"pool job {script}", timeout, output=output)
-        return next((code for code in codes if code != 0), 0), output
+        return code, output
 
-    def _collect(self, timeout: float) -> list[int] | None:
-        """Each rank's exit code; None when the job ran past ``timeout``. Ends the pool when a rank died
-        or stays stuck after another rank failed."""
-        connections = list(self._connections)
-        codes: dict[Connection, int] = {}
+    def _collect(self, timeout: float) -> int | None:
+        """The job's exit code as the launcher gives it: the first failing rank's code (0 if none); None
+        when the job ran past ``timeout``. Ends the pool when a rank died or stays stuck after another
+        rank failed (the launcher kills it)."""
+        pending = list(self._connections)
         deadline = time.monotonic() + timeout
-        failed_at: float | None = None
-        while len(codes) < self.num_ranks:
-            if failed_at is not None:
-                deadline = min(deadline, failed_at + FAILED_RANK_GRACE)
-            pending = [c for c in connections if c not in codes]
+        first_failure: int | None = None
+        broken = False
+        while pending:
             ready = wait(pending, timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
                 self.shutdown(force=True)
-                if failed_at is None:
-                    return None
-                return [codes.get(c, -signal.SIGKILL) for c in connections]
+                return first_failure
             for connection in ready:
+                pending.remove(connection)
                 try:
-                    codes[connection] = connection.recv()["code"]
-                except EOFError:  # the rank process died: its launcher ends the others
-                    codes[connection] = self._died_code()
-                if codes[connection] != 0 and failed_at is None:
-                    failed_at = time.monotonic()
-        result = [codes[c] for c in connections]
-        if any(code < 0 for code in result):
+                    code = connection.recv()["code"]
+                except EOFError:  # the rank process died: its launcher ends the others and exits
+                    code, broken = self._died_code(), True
+                if code != 0 and first_failure is None:
+                    first_failure = code
+                    deadline = min(deadline, time.monotonic() + self.failed_rank_grace)
+        if broken:
             self.shutdown(force=True)
-        return result
+        return first_failure or 0
 
     def _died_code(self) -> int:
         try:

@@ -58,7 +58,9 @@ def exit_code(error: SystemExit) -> int:
 
 
 def run_script(script: str, argv: list[str]) -> int:
-    sys.argv = [script, *argv]
+    # As the launcher runs it: `python -u SCRIPT --local_rank=N ARGS`, the script's folder first on the path.
+    sys.argv = [script, f"--local_rank={os.environ['LOCAL_RANK']}", *argv]
+    sys.path.insert(0, os.path.dirname(script))
     try:
         runpy.run_path(script, run_name="__main__")
     except JobExit as done:
@@ -68,6 +70,8 @@ def run_script(script: str, argv: list[str]) -> int:
     except BaseException:  # a bug in the job: the launcher would show its traceback and exit 1
         traceback.print_exc()
         return 1
+    finally:
+        sys.path.remove(os.path.dirname(script))
     return 0
 
 
