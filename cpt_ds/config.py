@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,20 +209,64 @@ class OptimConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_epsilon: float = 1e-8
-    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup", "wsd"] = "cosine"
+    """'wsd' is warmup-stable-decay: warmup, the peak held, then a final decay of decay_steps / decay_ratio."""
     warmup_ratio: float = 0.05
     """Warmup as a fraction of the total steps (used when warmup_steps is 0)."""
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
     """Floor of the decay as a fraction of learning_rate."""
+    decay_steps: int | None = None
+    """wsd only: optimizer steps of the final decay (give this or decay_ratio)."""
+    decay_ratio: float | None = None
+    """wsd only: the final decay as a fraction of the total steps, rounded up (give this or decay_steps)."""
+    decay_type: Literal["linear", "cosine", "1-sqrt"] = "1-sqrt"
+    """wsd only: the shape of the final decay (1-sqrt: Haegele et al. 2024, MiniCPM)."""
 
     def problems(self) -> list[str]:
         rules = [("learning_rate", self.learning_rate > 0, "must be positive"),
                  ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
                  ("warmup_ratio", 0.0 <= self.warmup_ratio < 1.0, "must be in [0, 1)"),
                  ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),
-                 ("min_lr_ratio", 0.0 <= self.min_lr_ratio <= 1.0, "must be in [0, 1]")]
-        return [f"{name} {rule}, got {getattr(self, name)}" for name, holds, rule in rules if not holds]
+                 ("min_lr_ratio", 0.0 <= self.min_lr_ratio <= 1.0, "must be in [0, 1]"),
+                 ("decay_steps", self.decay_steps is None or self.decay_steps > 0, "must be positive"),
+                 ("decay_ratio", self.decay_ratio is None or 0.0 < self.decay_ratio <= 1.0, "must be in (0, 1]")]
+        found = [f"{name} {rule}, got {getattr(self, name)}" for name, holds, rule in rules if not holds]
+        given = [name for name in ("decay_steps", "decay_ratio") if getattr(self, name) is not None]
+        if self.lr_scheduler_type != "wsd":
+            found += [f"{name} ({getattr(self, name)}) sets the decay of lr_scheduler_type wsd, not "
+                      f"{self.lr_scheduler_type}: drop it or set lr_scheduler_type wsd" for name in given]
+        elif not given:
+            found.append("lr_scheduler_type wsd needs the length of its final decay: set decay_steps or decay_ratio")
+        elif len(given) == 2:
+            found.append(f"decay_steps ({self.decay_steps}) and decay_ratio ({self.decay_ratio}) both set the wsd "
+                         "decay: keep one")
+        return found
+
+    def num_warmup_steps(self, total_steps: int) -> int:
+        """Warmup steps of a run of ``total_steps``: warmup_steps when > 0, else warmup_ratio rounded up."""
+        if self.warmup_steps > 0:
+            return min(self.warmup_steps, total_steps)
+        return min(total_steps, math.ceil(self.warmup_ratio * total_steps))
+
+    def num_decay_steps(self, total_steps: int) -> int:
+        """wsd: steps of the final decay; decay_ratio rounds up (after dropping float noise: 0.07 x 100 is 7)."""
+        if self.decay_steps is not None:
+            return self.decay_steps
+        assert self.decay_ratio is not None, "num_decay_steps of a config without decay_steps or decay_ratio"
+        return math.ceil(round(self.decay_ratio * total_steps, 9))
+
+    def schedule_problems(self, total_steps: int) -> list[str]:
+        """What only the run's length can show: a wsd decay longer than the steps warmup leaves."""
+        if self.lr_scheduler_type != "wsd" or self.problems():
+            return []  # not wsd, or problems() already reports the decay fields
+        warmup, decay = self.num_warmup_steps(total_steps), self.num_decay_steps(total_steps)
+        if decay <= total_steps - warmup:
+            return []
+        field_name = "decay_steps" if self.decay_steps is not None else "decay_ratio"
+        return [f"the wsd decay ({field_name} {getattr(self, field_name)} = {decay} steps) is longer than the "
+                f"{total_steps - warmup} steps that {warmup} warmup steps leave of {total_steps}: shorten "
+                f"{field_name} or the warmup"]
 
 
 @dataclass(kw_only=True)
@@ -402,6 +447,11 @@ class RunConfig:
         if self.model.full_finetuning and ignored:
             found.append(f"{', '.join(ignored)} configure LoRA, which full_finetuning true does not train: drop "
                          f"{'them' if len(ignored) > 1 else 'it'} or set full_finetuning false")
+        if "decay_type" in self.given and self.optim.lr_scheduler_type != "wsd":
+            found.append(f"decay_type ({self.optim.decay_type}) shapes the decay of lr_scheduler_type wsd, not "
+                         f"{self.optim.lr_scheduler_type}: drop it or set lr_scheduler_type wsd")
+        if self.train.max_steps > 0:
+            found += self.optim.schedule_problems(self.train.max_steps)
         if self.data.is_blend and self.train.max_steps == -1:
             found.append("a weighted data_path has no epoch (each component repeats or is sub-sampled by its "
                          "weight): set max_steps instead of num_train_epochs")

@@ -45,7 +45,7 @@ from cpt_ds.model import (
     peak_tflops,
     training_dtype,
 )
-from cpt_ds.optim import build_optimizer, lr_at, warmup_steps_for
+from cpt_ds.optim import build_optimizer, check_schedule, lr_at, warmup_steps_for
 from cpt_ds.preflight import Plan, preflight
 from cpt_ds.reporter import Reporter, RunFacts
 
@@ -81,6 +81,7 @@ class Trainer:
         self.data = self._build_data()
         self.total_steps = self._total_steps()
         self.warmup_steps = warmup_steps_for(config.optim, self.total_steps)
+        check_schedule(config.optim, self.total_steps)
         self.fingerprints = self._fingerprints()
         resume_plan = self._plan_resume()  # edits the DeepSpeed JSON: before deepspeed.initialize
         self._build_engine()

@@ -38,7 +38,8 @@ def test_unknown_keys_and_bad_types_are_reported_together(assets, tmp_path):
     message = str(error.value)
     for expected in ("learning_rat: unknown field", "block_size: must be an integer, got 'big'",
                      "dataset_dir: not a cpt-ds field (pack the corpus once with tools/pack_corpus.py",
-                     "lr_scheduler_type: must be one of ['cosine', 'linear', 'constant', 'constant_with_warmup']",
+                     "lr_scheduler_type: must be one of ['cosine', 'linear', 'constant', 'constant_with_warmup', "
+                     "'wsd']",
                      "full_finetuning: must be true or false"):
         assert expected in message, message
 
