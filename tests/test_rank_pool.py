@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 
-
 from conftest import DRIVERS, REPO, launch, launch_env, launcher_command, rank_pool
 from helpers_pool import RankPool
 
