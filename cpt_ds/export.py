@@ -128,16 +128,19 @@ def _is_tied(model: Any, name: str) -> bool:
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, *, merge_lora: bool = False,
-                      dtype: str | None = None, overwrite: bool = False) -> Path:
+                      dtype: str | None = None, overwrite: bool = False, verify: bool = True) -> Path:
     """Write a Hugging Face folder for ``checkpoint`` to ``output`` (temp folder + rename).
 
     Full runs: config + safetensors + tokenizer. LoRA runs: a peft adapter folder (adapter + any
     modules_to_save) + tokenizer, or with ``merge_lora`` a full model with the adapter merged in.
     ``dtype`` defaults to the training precision. ``output`` may not be, hold or lie in the run
     (``output_dir/final`` excepted); ``overwrite`` replaces only a previous export (:func:`check_output`).
+    ``verify`` checks every file against the completion marker's sha256 first (a read of the whole
+    checkpoint); train.py's final export skips it for the checkpoint it has just written and hashed.
     """
     checkpoint, output = Path(checkpoint), Path(output)
-    verified_marker(checkpoint)  # a truncated or altered file is named here, not by torch.load
+    if verify:
+        verified_marker(checkpoint)  # a truncated or altered file is named here, not by torch.load
     meta = checkpoint_meta(checkpoint)
     check_output(checkpoint, output, overwrite=overwrite)
     torch_dtype = DTYPE_NAMES[dtype or meta["dtype"]]

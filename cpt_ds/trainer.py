@@ -303,7 +303,7 @@ class Trainer:
         barrier()
         if self.rank == 0:
             final = self.output_dir / "final"
-            export_checkpoint(self.output_dir / f"step-{self.step:08d}", final, overwrite=True)
+            export_checkpoint(self.output_dir / f"step-{self.step:08d}", final, overwrite=True, verify=False)
             logger.info("exported the trained model to %s", final)
         barrier()
 
