@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -185,6 +186,28 @@ def rank_pool(num_ranks: int) -> RankPool:
     if num_ranks not in _POOLS:
         _POOLS[num_ranks] = RankPool(num_ranks, launcher_command, launch_env)
     return _POOLS[num_ranks]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``CPT_DS_TEST_ORDER=reverse`` or ``random:SEED`` runs the suite in another order, to show that no
+    test depends on what an earlier one left behind (modules stay whole, as pytest-randomly keeps them)."""
+    order = os.environ.get("CPT_DS_TEST_ORDER", "")
+    if not order:
+        return
+    modules: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    groups = list(modules.values())
+    if order == "reverse":
+        groups = [group[::-1] for group in groups[::-1]]
+    elif order.startswith("random:"):
+        shuffle = random.Random(int(order.removeprefix("random:"))).shuffle
+        shuffle(groups)
+        for group in groups:
+            shuffle(group)
+    else:
+        raise pytest.UsageError(f"CPT_DS_TEST_ORDER={order!r}: use reverse or random:SEED")
+    items[:] = [item for group in groups for item in group]
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
