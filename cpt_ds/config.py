@@ -20,7 +20,8 @@ from typing import Any, Literal
 
 from cpt_ds.cli import DEBUG_HELP
 from cpt_ds.config_values import coerce, parse_overrides, split_commas
-from cpt_ds.data.blend import ComponentSpec, is_weighted, parse_data_path, parse_named_paths
+from cpt_ds.data.blend import ComponentSpec, PhaseBlend, is_weighted, parse_data_path, parse_named_paths
+from cpt_ds.phases import parse_phases, phases_problems, run_components, total_steps
 
 # Baseline flags that have no counterpart here, with what to do instead. Named so the unknown-key
 # error for a migrated run_pt.sh says why instead of just "unknown".
@@ -170,10 +171,13 @@ class DataConfig:
     """Use only the first N training samples (windows) of the stream."""
     max_eval_samples: int | None = None
     """Evaluate on only the first N validation samples."""
+    phases: list[dict[str, Any]] = field(default_factory=list)
+    """A campaign: [{"name", "steps", "data_path"}, ...] trained in order, each phase with its own data_path
+    (blend syntax); replaces data_path, and max_steps is the sum of the steps (docs/campaigns.md)."""
 
     def problems(self) -> list[str]:
         found = []
-        if not self.data_path:
+        if not self.data_path and not self.phases:
             found.append("data_path is empty: pass one or more token-file prefixes made by tools/pack_corpus.py")
         found += self.components()[1]
         found += self.eval_sets()[1]
@@ -188,8 +192,16 @@ class DataConfig:
         return found
 
     def components(self) -> tuple[list[ComponentSpec], list[str]]:
-        """The training components of ``data_path`` (one unweighted stream or a weighted blend)."""
+        """The training components of ``data_path`` (one unweighted stream or a weighted blend), or of
+        every phase (each corpus once)."""
+        if self.phases:
+            phases, problems = parse_phases(self.phases)
+            return (run_components(phases)[0] if phases else []), problems
         return parse_data_path(self.data_path)
+
+    def phase_blends(self) -> list[PhaseBlend] | None:
+        """Each phase's blend over the run's components; None without phases."""
+        return run_components(parse_phases(self.phases)[0])[1] if self.phases else None
 
     def eval_sets(self) -> tuple[list[tuple[str, str]], list[str]]:
         """``[(name, prefix)]`` of ``eval_data_path``."""
@@ -341,6 +353,12 @@ class RunConfig:
 
     SECTIONS: typing.ClassVar[tuple[str, ...]] = ("model", "data", "optim", "train")
 
+    def __post_init__(self) -> None:
+        # A campaign's length is its phases' (a max_steps that disagrees is reported by config_problems).
+        phase_steps = total_steps(self.data.phases)
+        if phase_steps is not None and "max_steps" not in self.given:
+            self.train.max_steps = phase_steps
+
     # ---- construction ----------------------------------------------------------------------------
 
     @classmethod
@@ -450,6 +468,8 @@ class RunConfig:
         if "decay_type" in self.given and self.optim.lr_scheduler_type != "wsd":
             found.append(f"decay_type ({self.optim.decay_type}) shapes the decay of lr_scheduler_type wsd, not "
                          f"{self.optim.lr_scheduler_type}: drop it or set lr_scheduler_type wsd")
+        found += phases_problems(self.data.phases, data_path=self.data.data_path, max_steps=self.train.max_steps,
+                                 max_steps_given="max_steps" in self.given)
         if self.train.max_steps > 0:
             found += self.optim.schedule_problems(self.train.max_steps)
         if self.data.is_blend and self.train.max_steps == -1:

@@ -6,6 +6,7 @@ those messages into one ``ConfigError``.
 
 from __future__ import annotations
 
+import json
 import types
 import typing
 from typing import Any, Literal
@@ -85,6 +86,8 @@ def coerce(value: Any, tp: Any) -> Any:
             if value == choice or (isinstance(value, str) and str(choice) == value):
                 return choice
         raise ValueError(f"must be one of {list(allowed)}, got {value!r}")
+    if is_list(base) and typing.get_origin(typing.get_args(base)[0]) is dict:
+        return _coerce_objects(value)
     if is_list(base):
         if isinstance(value, str):
             value = [value]
@@ -109,6 +112,20 @@ def coerce(value: Any, tp: Any) -> Any:
             return value
         raise ValueError(f"must be a string, got {value!r}")
     raise AssertionError(f"unsupported field type {tp}")
+
+
+def _coerce_objects(value: Any) -> list[dict[str, Any]]:
+    """A list of JSON objects (``phases``): from JSON as is, from the command line as one JSON string."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
+        value = value[0]
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"must be a JSON list of objects, got {value[:60]!r} ({error})") from None
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise ValueError(f"must be a list of JSON objects, got {json.dumps(value)[:80]}")
+    return [dict(item) for item in value]
 
 
 def _coerce_number(value: Any, base: type) -> int | float:

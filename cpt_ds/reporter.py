@@ -107,7 +107,16 @@ class Reporter:
         weights = self.data.weights or [None] * len(self.data.train)
         return "; ".join(
             f"{c.name}{'' if w is None else f' weight {w:.3f}'}: {len(c.samples)} samples of {c.stream.num_tokens:,} "
-            f"tokens from {len(c.files)} file(s), epoch {epochs[c.name]:.3f}" for c, w in zip(self.data.train, weights))
+            f"tokens from {len(c.files)} file(s), epoch {epochs.get(c.name, 0.0):.3f}"
+            for c, w in zip(self.data.train, weights)) + self._phases_text()
+
+    def _phases_text(self) -> str:
+        """A campaign's phases: name, steps and blend (empty for a run without phases)."""
+        names = self.data.names
+        return "".join(f"\n  phase {phase.name}: {phase.steps} steps, " + ", ".join(
+            f"{names[c]}{'' if w is None else f' {w:.3f}'}"
+            for c, w in zip(phase.components, phase.weights or [None] * len(phase.components)))
+            for phase in self.data.phases or [])
 
     # ---- training steps --------------------------------------------------------------------------
 
@@ -132,23 +141,29 @@ class Reporter:
             self.interval_start, self.num_interval_steps = time.perf_counter(), 0
 
     def _log_train(self, step: int, lr: float, grad_norm: float | None, seconds: float, consumed_samples: int) -> None:
-        per_corpus = {name: TokenMetrics.from_tensor(row) for name, row in zip(self.data.names, self.interval)}
+        epochs = self.data.epochs(consumed_samples)
+        # A campaign lists the corpora of the phases begun so far (the others have drawn no sample yet).
+        per_corpus = {name: TokenMetrics.from_tensor(row) for name, row in zip(self.data.names, self.interval)
+                      if name in epochs}
         total = total_metrics(per_corpus.values())
+        phase = self.data.phase(step)
         tokens_per_second = self.num_interval_steps * self.facts.global_batch_size * self.facts.block_size / max(seconds, 1e-9)
         utilization = mfu(tokens_per_second / self.facts.world_size, self.facts.flops_per_token, self.facts.peak_tflops)
         memory = peak_memory_gib()
-        epochs = self.data.epochs(consumed_samples)
-        self.metrics.write({
+        record = {
             "step": step, "loss": total.loss, "lr": lr, "grad_norm": grad_norm,
             "tokens_per_second": tokens_per_second, "mfu": None if math.isnan(utilization) else utilization,
             "memory_gib": memory, "consumed_samples": consumed_samples,
             "tokens_seen": consumed_samples * self.facts.block_size, "epoch": max(epochs.values()), "epochs": epochs,
-            "corpora": {name: {"loss": m.loss, "tokens": m.tokens} for name, m in per_corpus.items()}})
+            "corpora": {name: {"loss": m.loss, "tokens": m.tokens} for name, m in per_corpus.items()}}
+        if phase is not None:  # a run without phases keeps today's records, key for key
+            record["phase"] = phase
+        self.metrics.write(record)
         corpora = "" if len(per_corpus) == 1 else " | " + " ".join(
             f"{name} {m.loss:.3f}" if m.tokens else f"{name} -" for name, m in per_corpus.items())
-        logger.info("step %d/%d | loss %.4f%s | lr %.3e | grad_norm %s | tokens/s %s | mfu %s | mem %.2f GiB | epoch %s"
+        logger.info("step %d/%d%s | loss %.4f%s | lr %.3e | grad_norm %s | tokens/s %s | mfu %s | mem %.2f GiB | epoch %s"
                     " | elapsed %s | eta %s",
-                    step, self.facts.total_steps, total.loss, corpora, lr,
+                    step, self.facts.total_steps, "" if phase is None else f" | phase {phase}", total.loss, corpora, lr,
                     f"{grad_norm:.4f}" if grad_norm is not None else "-", f"{tokens_per_second:,.0f}",
                     "-" if math.isnan(utilization) else f"{100 * utilization:.1f}%", memory,
                     f"{max(epochs.values()):.3f}" if len(epochs) == 1 else self.epochs_text(consumed_samples),

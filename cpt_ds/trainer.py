@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from cpt_ds import __version__, resume
+from cpt_ds import __version__, campaign, resume
 from cpt_ds.attention import model_inputs, module_attention_implementation
 from cpt_ds.checkpoint import CLIENT_FORMAT_VERSION, Checkpointer
 from cpt_ds.config import ConfigError, RunConfig
@@ -114,7 +114,8 @@ class Trainer:
                 self.plan.train_components, self.plan.eval_sets, block_size=data.block_size,
                 validation_split_percentage=data.validation_split_percentage,
                 max_train_samples=data.max_train_samples, max_eval_samples=data.max_eval_samples,
-                seed=self.config.train.seed)
+                seed=self.config.train.seed, phases=data.phase_blends(), global_batch_size=self.ds.micro_batch_size
+                * self.ds.gradient_accumulation_steps * self.world_size)
         except DataError as error:
             raise ConfigError(str(error)) from None
 
@@ -125,13 +126,8 @@ class Trainer:
                                 / (self.ds.micro_batch_size * self.ds.gradient_accumulation_steps * self.world_size)))
 
     def _fingerprints(self) -> dict[str, Any]:
-        return resume.fingerprints(
-            data_split=self.data.split_fingerprint(), blend=self.data.blend_fingerprint(),
-            token_files=resume.token_file_fingerprints(self.plan.train_files + self.plan.eval_files),
-            tokenizer=self.plan.tokenizer_fingerprint,
-            model_shape=resume.model_shape(self.plan.hf_config, self.plan.vocab_size),
-            adapter=resume.adapter_fingerprint(self.config.model), zero_stage=self.ds.zero_stage,
-            document_attention=self.config.model.document_attention)
+        return run_fingerprints(self.config, self.plan, self.data, total_steps=self.total_steps,
+                                world_size=self.world_size)
 
     def _plan_resume(self) -> resume.ResumePlan | None:
         """Find, verify and vet the checkpoint to resume from; convert it to the universal format and set
@@ -143,6 +139,7 @@ class Trainer:
         problems = resume.compatibility_problems(marker["fingerprints"], self.fingerprints)
         if problems:
             raise resume.incompatible(path, problems)
+        campaign.check_plan(path, marker, self.fingerprints, rank=self.rank)
         plan = resume.plan_resume(path, marker, world_size=self.world_size, zero_stage=self.ds.zero_stage,
                                   universal_path=self.checkpointer.universal_path(path))
         if plan.universal:
@@ -175,6 +172,7 @@ class Trainer:
         if changes and self.rank == 0:
             logger.warning("run config changed since the checkpoint (applied from now on): %s", "; ".join(changes))
         self.reporter.metrics.truncate_after(self.step)
+        campaign.record_branch(self.reporter.metrics, plan.checkpoint, self.output_dir, self.step)
         logger.info("resumed at step %d, consumed_samples %d (epochs %s) from %s", self.step,
                     self.loader.consumed_samples, self.reporter.epochs_text(self.loader.consumed_samples),
                     plan.checkpoint)
@@ -313,6 +311,23 @@ class Trainer:
         # Tear the process group down here rather than during interpreter exit, where the order in
         # which gloo's threads and buffers go away is not defined (seen: a rank aborting after success).
         destroy_process_group()
+
+
+def run_fingerprints(config: RunConfig, plan: Plan, data: RunData, *, total_steps: int,
+                     world_size: int) -> dict[str, Any]:
+    """What this run's checkpoints record of what they were trained on (cpt_ds/resume.py); a campaign
+    adds its plan (cpt_ds/campaign.py), which a run without phases does not have."""
+    found = resume.fingerprints(
+        data_split=data.split_fingerprint(), blend=data.blend_fingerprint(),
+        token_files=resume.token_file_fingerprints(plan.train_files + plan.eval_files),
+        tokenizer=plan.tokenizer_fingerprint, model_shape=resume.model_shape(plan.hf_config, plan.vocab_size),
+        adapter=resume.adapter_fingerprint(config.model), zero_stage=plan.ds.zero_stage,
+        document_attention=config.model.document_attention)
+    phases = campaign.plan_fingerprint(
+        config=config, data=data, component_files=[files for _, _, files in plan.train_components],
+        total_steps=total_steps, ds=plan.ds,
+        global_batch_size=plan.ds.micro_batch_size * plan.ds.gradient_accumulation_steps * world_size)
+    return found if phases is None else {**found, "phases": phases}
 
 
 def write_export_files(path: Path, *, config: RunConfig, built: BuiltModel, ds: Any, step: int,

@@ -1,5 +1,6 @@
 """Plot a run's metrics.jsonl as one PNG: training loss (global and per corpus), eval loss per set,
-learning rate and tokens/s, against the step and against the tokens seen.
+learning rate and tokens/s, against the step and against the tokens seen; a campaign's phases are shaded
+and labelled on the step axes.
 
     python tools/plot_run.py OUTPUT_DIR [--output FILE.png]      (default OUTPUT_DIR/metrics.png)
 
@@ -140,10 +141,12 @@ def plot_run(output_dir: Path, output: Path):
               eval_step: ("eval loss per set", "step"), eval_tokens: ("eval loss per set", "tokens seen"),
               lr_axis: ("learning rate", "step"), speed_axis: ("tokens/s", "step")}
     for axis, (title, xlabel) in titles.items():
+        if xlabel == "step":
+            _shade_phases(train, axis)
         axis.set_title(title)
         axis.set_xlabel(xlabel)
         axis.grid(alpha=0.3)
-        if axis.get_lines():
+        if axis.get_lines() or axis.patches:
             axis.legend(fontsize=8)
     figure.suptitle(run_title(output_dir))
     figure.tight_layout()
@@ -152,6 +155,29 @@ def plot_run(output_dir: Path, output: Path):
     figure.savefig(temporary, dpi=90)
     temporary.replace(output)
     return figure
+
+
+def phase_spans(train: list[dict[str, Any]]) -> list[tuple[str, int, int]]:
+    """``(name, first step, last step)`` of each phase of a campaign's records, in order (a span starts
+    where the previous one ends); [] for a run without phases."""
+    spans: list[tuple[str, int, int]] = []
+    for record in train:
+        name = record.get("phase")
+        if name is None:
+            continue
+        if spans and spans[-1][0] == name:
+            spans[-1] = (name, spans[-1][1], record["step"])
+        else:
+            spans.append((name, spans[-1][2] if spans else 0, record["step"]))
+    return spans
+
+
+def _shade_phases(train: list[dict[str, Any]], axis) -> None:
+    """One shaded, labelled band per phase behind a step axis's curves."""
+    for index, (name, start, stop) in enumerate(phase_spans(train)):
+        axis.axvspan(start, stop, color=f"C{index % 10}", alpha=0.12, label=f"phase {name}", zorder=0)
+        axis.annotate(name, xy=((start + stop) / 2, 1.0), xycoords=("data", "axes fraction"), ha="center",
+                      va="top", fontsize=8)
 
 
 def _plot_training_loss(train: list[dict[str, Any]], by_step, by_tokens) -> None:

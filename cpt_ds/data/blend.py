@@ -228,3 +228,15 @@ class BlendSchedule:
             stack.append((node.left, where[goes_left], before[goes_left]))
             stack.append((node.right, where[~goes_left], (at_node - before)[~goes_left]))
         return component, index
+
+
+@dataclass(frozen=True)
+class PhaseBlend:
+    """One campaign phase as the data layer sees it: its length and which run components it draws."""
+
+    name: str
+    steps: int
+    components: tuple[int, ...]
+    """Indices into the run's training components (each corpus once per run, whatever phases use it)."""
+    weights: tuple[float, ...] | None
+    """Normalized weights of ``components``, or None for one unweighted component."""

@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 
 from cpt_ds.data import DataError
-from cpt_ds.data.blend import BlendSchedule
+from cpt_ds.data.blend import BlendSchedule, PhaseBlend
 from cpt_ds.data.loader import SampleOrder
+from cpt_ds.data.phased import PhasedOrder
 from cpt_ds.data.windows import PackedSamples, TokenStream, split_documents
 from cpt_ds.token_file import IndexedTokenFile
 
@@ -82,22 +83,36 @@ class RunData:
     """Normalized blend weights, or None for one unweighted stream."""
     eval_sets: list[Corpus]
     seed: int
+    phases: list[PhaseBlend] | None = None
+    """A campaign's phases (cpt_ds/data/phased.py), or None for one unnamed phase (one stream or one blend)."""
+    global_batch_size: int = 0
+    """Samples per optimizer step: where the phases' positions begin (phases only)."""
 
     def __post_init__(self) -> None:
         self.samples = ConcatSamples(self.train)
-        self.order: SampleOrder | BlendOrder = (
-            SampleOrder(len(self.samples), self.seed) if self.weights is None
-            else BlendOrder(self.weights, [len(c.samples) for c in self.train], self.seed))
+        sizes = [len(c.samples) for c in self.train]
+        self.order: SampleOrder | BlendOrder | PhasedOrder = (
+            PhasedOrder(self.phases, sizes, self.seed, self.global_batch_size) if self.phases
+            else SampleOrder(len(self.samples), self.seed) if self.weights is None
+            else BlendOrder(self.weights, sizes, self.seed))
 
     @property
     def names(self) -> list[str]:
         return [corpus.name for corpus in self.train]
 
     def epochs(self, consumed_samples: int) -> dict[str, float]:
-        """How many passes over its samples each component has made after ``consumed_samples``."""
+        """How many passes over its samples each component has made after ``consumed_samples`` (in a
+        campaign: each component of the phases begun so far)."""
+        if isinstance(self.order, PhasedOrder):
+            epochs = self.order.epochs(consumed_samples)
+            return {self.names[index]: epochs[index] for index in self.order.active(consumed_samples)}
         if isinstance(self.order, BlendOrder):
             return dict(zip(self.names, self.order.epochs(consumed_samples), strict=True))
         return {self.train[0].name: consumed_samples / len(self.samples)}
+
+    def phase(self, step: int) -> str | None:
+        """The name of step ``step``'s phase; None for a run without phases."""
+        return self.order.phase_name(step) if isinstance(self.order, PhasedOrder) else None
 
     def blend_fingerprint(self) -> list[dict[str, Any]]:
         """What a resume must find unchanged: components (name, samples) and their weights."""
@@ -118,6 +133,8 @@ def build_run_data(
     max_train_samples: int | None,
     max_eval_samples: int | None,
     seed: int,
+    phases: list[PhaseBlend] | None = None,
+    global_batch_size: int = 0,
 ) -> RunData:
     """Cut each component into samples; hold out documents per component when there are no eval sets.
 
@@ -146,4 +163,5 @@ def build_run_data(
         raise DataError(f"{source} {', '.join(small)} hold fewer tokens than one block_size {block_size} sample; "
                          "raise validation_split_percentage, lower block_size or pass a larger eval_data_path")
     weights = None if components[0][1] is None else [weight for _, weight, _ in components]
-    return RunData(train=train, weights=weights, eval_sets=validation, seed=seed)
+    return RunData(train=train, weights=weights, eval_sets=validation, seed=seed, phases=phases,
+                   global_batch_size=global_batch_size)
