@@ -25,7 +25,6 @@ from helpers_preemption import (
     has_record,
     node_launcher,
     preempted,
-    ranks,
     records,
     signal_ranks,
     wait_until_gone,
