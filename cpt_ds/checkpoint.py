@@ -222,6 +222,7 @@ class Checkpointer:
         self.world_size = world_size
         self.save_total_limit = save_total_limit
         self.fault_delay_seconds = fault_delay_seconds
+        self.save_durations: list[float] = []  # seconds per save of this process (the wall-clock stop's reserve)
 
     # ---- save ------------------------------------------------------------------------------------
 
@@ -282,6 +283,7 @@ class Checkpointer:
         if self.rank == 0:
             self._rotate(keep=path)
         barrier()
+        self.save_durations.append(time.monotonic() - started)
         return path
 
     def _rotate(self, keep: Path) -> None:

@@ -298,6 +298,9 @@ class TrainConfig:
     stop_at_step: int | None = None
     """Save and exit after this step without finishing (time-limited jobs); relaunch to continue.
     Unlike lowering max_steps it leaves the LR schedule untouched."""
+    max_wall_minutes: float | None = None
+    """Stop like a preemption (checkpoint, exit code 3) before this many minutes from the rank's start have
+    passed, keeping back one step and the last save's time (docs/preemption.md)."""
     seed: int = 42
     """Seeds the model init, the data order, the held-out split and dropout."""
     logging_steps: int = 10
@@ -336,6 +339,8 @@ class TrainConfig:
                          f"an older one is deleted), got {self.save_total_limit}")
         if self.peak_tflops is not None and self.peak_tflops <= 0:
             found.append(f"peak_tflops must be positive, got {self.peak_tflops}")
+        if self.max_wall_minutes is not None and self.max_wall_minutes <= 0:
+            found.append(f"max_wall_minutes must be positive or null, got {self.max_wall_minutes}")
         if self.save_fault_delay_seconds < 0:
             found.append(f"save_fault_delay_seconds must be >= 0, got {self.save_fault_delay_seconds}")
         return found

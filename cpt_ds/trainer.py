@@ -46,6 +46,7 @@ from cpt_ds.model import (
     training_dtype,
 )
 from cpt_ds.optim import build_optimizer, check_schedule, lr_at, warmup_steps_for
+from cpt_ds.preemption import Stopper
 from cpt_ds.preflight import Plan, preflight
 from cpt_ds.reporter import Reporter, RunFacts
 
@@ -78,6 +79,8 @@ class Trainer:
         self.checkpointer = Checkpointer(self.output_dir, rank=self.rank, world_size=self.world_size,
                                          save_total_limit=config.train.save_total_limit,
                                          fault_delay_seconds=config.train.save_fault_delay_seconds)
+        self.stopper = Stopper(config.train.max_wall_minutes, save_durations=self.checkpointer.save_durations,
+                               rank=self.rank)
         self.data = self._build_data()
         self.total_steps = self._total_steps()
         self.warmup_steps = warmup_steps_for(config.optim, self.total_steps)
@@ -197,7 +200,7 @@ class Trainer:
             self.evaluate_and_log()
         self.reporter.start()
         stop = min(self.total_steps, train_cfg.stop_at_step or self.total_steps)
-        while self.step < stop:
+        while self.step < stop and not self.stopper.agreed():  # a notice or the wall clock: every rank agrees
             lr = self.lr(self.step)
             stats, grad_norm = self.train_step(self.loader.next_step(), lr)
             self.step += 1
@@ -208,9 +211,8 @@ class Trainer:
                 self.evaluate_and_log()
             if not last and (self.step == stop or (train_cfg.save_steps and self.step % train_cfg.save_steps == 0)):
                 self.save()
-        if self.step < self.total_steps:
-            logger.info("stopped at step %d of %d (stop_at_step); relaunch the same command to continue",
-                        self.step, self.total_steps)
+        if self.step < self.total_steps:  # stop_at_step, or a notice / the wall clock (raises Preempted)
+            self.stopper.finish(self.step, self.total_steps, save=self.save, metrics=self.reporter.metrics)
             return None
         final = self.evaluate_and_log() if self.data.eval_sets else None
         self.save()
