@@ -149,6 +149,12 @@ def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _step_of(path: Path) -> int:
+    """The step of a ``step-NNNNNNNN`` folder; -1 for a folder named otherwise."""
+    match = CHECKPOINT_PATTERN.match(path.name)
+    return int(match.group(1)) if match else -1
+
+
 def newest_complete(output_dir: Path) -> Path | None:
     complete = [path for _, path in list_checkpoints(output_dir) if is_complete(path)]
     return complete[-1] if complete else None
@@ -333,7 +339,20 @@ class Checkpointer:
         if not is_complete(path):
             return {"error": f"resume_from_checkpoint {path} is incomplete (no {COMPLETE_MARKER}: its save "
                              "was interrupted); pass an earlier checkpoint or 'auto'"}
-        return str(path)
+        return str(self._branch_progress(path) or path)
+
+    def _branch_progress(self, path: Path) -> Path | None:
+        """For a checkpoint of another run (a branch point): this run's own newer complete checkpoint, if
+        any, so that relaunching the same command (a requeue after preemption) continues the branch
+        instead of starting it over from the branch point."""
+        if path.resolve().parent == self.output_dir.resolve():
+            return None
+        own = newest_complete(self.output_dir)
+        if own is None or _step_of(own) <= _step_of(path):
+            return None
+        logger.info("resuming from %s: this branch of %s has already trained past it (newest complete checkpoint "
+                    "in %s)", own, path, self.output_dir)
+        return own
 
     def verify(self, path: Path) -> dict[str, Any]:
         """Check every file listed by the marker (size everywhere, sha256 of this rank's files)."""

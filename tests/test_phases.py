@@ -295,9 +295,14 @@ def test_a_branch_from_another_runs_checkpoint_equals_the_straight_run(assets, c
     before = hash_folder(interrupted)
     out = tmp_path / "branch"
     source = interrupted / "step-00000004"
-    done = train(campaign_config(assets, corpus_c, out, resume_from_checkpoint=str(source), save_total_limit=2,
-                                 save_steps=1), workdir=tmp_path).check()
-    assert f"branching from {source.resolve()} (step 4)" in done.output
+    command = campaign_config(assets, corpus_c, out, resume_from_checkpoint=str(source), save_total_limit=2,
+                              save_steps=1)
+    first = train({**command, "stop_at_step": 6}, workdir=tmp_path).check()
+    assert f"branching from {source.resolve()} (step 4)" in first.output
+    # The same command again (a requeue): the branch continues from its own step 6, not from step 4.
+    done = train(command, workdir=tmp_path).check()
+    assert f"resuming from {out / 'step-00000006'}: this branch of {source} has already trained past it" in done.output
+    assert "branching from" not in done.output
     assert hash_folder(interrupted) == before  # the source run's folder is only read
     records = stable_records(out)
     assert records[0] == {"step": 4, "branched_from": str(source.resolve())}
