@@ -8,6 +8,7 @@ afterwards (132 MiB per port otherwise stay in RAM, ../shared/docs/CPU_DEEPSPEED
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -40,6 +41,19 @@ def ds_json(stage: int, *, micro: int = 4, accumulation: int = 1, **extra: Any) 
     """fp32 DeepSpeed configs for CPU tests (bitwise resume needs fp32 and torch's AdamW)."""
     return {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accumulation,
             "gradient_clipping": 1.0, "zero_optimization": {"stage": stage}, **extra}
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """Tools and train.py called in-process configure logging (``basicConfig(force=True)`` onto the
+    stream pytest is capturing for that test); a later test must not log into that closed stream."""
+    names = ["", "cpt_ds", "DeepSpeed", "transformers"]
+    saved = {name: (logging.getLogger(name).handlers[:], logging.getLogger(name).level) for name in names}
+    yield
+    for name, (handlers, level) in saved.items():
+        logger = logging.getLogger(name)
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
 
 
 @dataclass
