@@ -1,7 +1,8 @@
-"""Preemption-safe stop (docs/preemption.md): a notice to the ranks or the launcher, during a step, an
-evaluation or a save, stops every rank at the same step after one complete checkpoint; the relaunch of
-the same command ends bitwise equal to the uninterrupted run; a kill during that save keeps the previous
-checkpoint; the exit code that reaches the shell; max_wall_minutes; the SLURM job script.
+"""Preemption-safe stop (docs/preemption.md) of a two-phase plan: a notice to the ranks or the launcher,
+during a step, an evaluation, a save or at the phase boundary, stops every rank at the same step after
+one complete checkpoint; the relaunch of the same command ends bitwise equal to the uninterrupted run; a
+kill during that save keeps the previous checkpoint; the exit code that reaches the shell;
+max_wall_minutes; the SLURM job script.
 
 Signals go to real processes, so every interrupted run is a real deepspeed launch (``Background``);
 the uninterrupted reference and the relaunches are ordinary runs on the rank pool.
@@ -37,9 +38,17 @@ SAVE_DELAY = 1.5
 
 
 def preempt_config(assets, out: Path, **overrides) -> dict:
-    return run_config(assets, out, max_steps=STEPS, eval_steps=2, save_steps=4, max_eval_samples=240,
-                      per_device_eval_batch_size=1,
-                      save_fault_delay_seconds=SAVE_DELAY, config_overrides="attention_dropout=0.1", **overrides)
+    """A two-phase plan meeting at step 4 (a save step): stable on one corpus, then an anneal (WSD,
+    1-sqrt decay) on a blend that continues that corpus and adds another."""
+    stable = {"name": "stable", "steps": 4, "data_path": [str(assets.corpus)]}
+    anneal = {"name": "anneal", "steps": STEPS - 4,
+              "data_path": ["0.5", str(assets.corpus), "0.5", str(assets.corpus_b)]}
+    config = run_config(assets, out, max_steps=STEPS, eval_steps=2, save_steps=4, max_eval_samples=240,
+                        per_device_eval_batch_size=1, save_fault_delay_seconds=SAVE_DELAY,
+                        config_overrides="attention_dropout=0.1", phases=[stable, anneal], lr_scheduler_type="wsd",
+                        decay_steps=STEPS - 4, decay_type="1-sqrt", **overrides)
+    del config["data_path"]
+    return config
 
 
 def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
@@ -99,26 +108,10 @@ def test_sigusr1_to_the_ranks_during_an_evaluation(assets, tmp_path, reference):
     relaunch_equals_reference(path, out, tmp_path, reference, resumed_at=2)
 
 
-def phased_config(assets, out: Path) -> dict:
-    """Two phases meeting at step 4 (a save step): stable on one corpus, then an anneal (WSD 1-sqrt decay)
-    on a blend that continues that corpus and adds another."""
-    stable = {"name": "stable", "steps": 4, "data_path": [str(assets.corpus)]}
-    anneal = {"name": "anneal", "steps": STEPS - 4,
-              "data_path": ["0.5", str(assets.corpus), "0.5", str(assets.corpus_b)]}
-    config = preempt_config(assets, out, phases=[stable, anneal], lr_scheduler_type="wsd", decay_steps=STEPS - 4,
-                            decay_type="1-sqrt")
-    del config["data_path"]
-    return config
-
-
-def test_a_notice_at_the_phase_boundary_of_a_two_phase_plan(assets, tmp_path):
+def test_a_notice_at_the_phase_boundary(assets, tmp_path, reference):
     """SIGUSR1 while step 4, the last of the first phase, evaluates and saves: every rank stops there; the
     same command then trains the second phase, bitwise equal to the uninterrupted plan."""
-    reference = tmp_path / "reference"
-    train(phased_config(assets, reference), workdir=tmp_path / "ref").check()
-    out = tmp_path / "out"
-    path = write_config(phased_config(assets, out), tmp_path / "run.json")
-    job = Background(["--config", str(path)], workdir=tmp_path)
+    job, out, path = start(assets, tmp_path)
     job.wait_for(lambda: has_record(out, 4, "loss"), timeout=300)
     signal_ranks(job, signal.SIGUSR1)
     code = job.wait(timeout=120)
