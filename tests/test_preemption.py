@@ -90,35 +90,24 @@ def assert_stopped_at(out: Path, log: str, step: int, reason: str) -> dict:
     return record
 
 
-def test_sigusr1_to_the_ranks_during_an_evaluation(assets, tmp_path, reference):
-    """Rank exit code 3 reaches the shell through launch.py and the runner; signal-to-exit measured."""
+def test_sigusr1_to_the_ranks_during_an_evaluation_at_the_phase_boundary(assets, tmp_path, reference):
+    """SIGUSR1 while step 4, the last of the first phase, evaluates: every rank stops there; rank exit code
+    3 reaches the shell through launch.py and the runner; the same command trains the second phase,
+    bitwise equal to the uninterrupted plan; signal-to-exit measured."""
     job, out, path = start(assets, tmp_path)
-    job.wait_for(lambda: has_record(out, 2, "loss"), timeout=300)
-    assert not has_record(out, 2, "eval_loss")  # the evaluation of step 2 is running
+    job.wait_for(lambda: has_record(out, 4, "loss"), timeout=300)
+    assert not has_record(out, 4, "eval_loss")  # the evaluation of step 4 is running
     sent = time.monotonic()
     signal_ranks(job, signal.SIGUSR1)
     code = job.wait(timeout=120)
     seconds = time.monotonic() - sent
     log = job.log.read_text()
     assert code == 3, log[-3000:]
-    record = assert_stopped_at(out, log, 2, "SIGUSR1")
-    assert has_record(out, 2, "eval_loss")  # the evaluation finished, then every rank stopped
+    record = assert_stopped_at(out, log, 4, "SIGUSR1")
+    assert has_record(out, 4, "eval_loss")  # the evaluation finished, then every rank stopped
     assert record["notices"] == 1 and 0 < record["notice_to_saved_seconds"] < seconds
-    print(f"\nSIGUSR1 during an evaluation -> launcher exit: {seconds:.2f} s; record {record}")
-    relaunch_equals_reference(path, out, tmp_path, reference, resumed_at=2)
-
-
-def test_a_notice_at_the_phase_boundary(assets, tmp_path, reference):
-    """SIGUSR1 while step 4, the last of the first phase, evaluates and saves: every rank stops there; the
-    same command then trains the second phase, bitwise equal to the uninterrupted plan."""
-    job, out, path = start(assets, tmp_path)
-    job.wait_for(lambda: has_record(out, 4, "loss"), timeout=300)
-    signal_ranks(job, signal.SIGUSR1)
-    code = job.wait(timeout=120)
-    log = job.log.read_text()
-    assert code == 3, log[-3000:]
-    assert_stopped_at(out, log, 4, "SIGUSR1")
     assert [r["phase"] for r in records(out) if "loss" in r] == ["stable"] * 4
+    print(f"\nSIGUSR1 during an evaluation -> launcher exit: {seconds:.2f} s; record {record}")
     relaunch_equals_reference(path, out, tmp_path, reference, resumed_at=4)
     assert [r["phase"] for r in records(out) if "loss" in r] == ["stable"] * 4 + ["anneal"] * (STEPS - 4)
 

@@ -40,11 +40,10 @@ def test_a_failed_rank_ends_the_job_with_its_code_and_a_fresh_pool_takes_the_nex
     try:
         code, output = pool.run(PROBE, ["fail-rank-1"], cwd=REPO, env=launch_env(), workdir=tmp_path, timeout=120)
         assert code == 3 and "rank 1 fails" in output
-        code, _ = pool.run(PROBE, ["crash-rank-1"], cwd=REPO, env=launch_env(), workdir=tmp_path, timeout=120)
-        assert code != 0
-        code, output = pool.run(PROBE, ["report"], cwd=REPO, env=launch_env(), workdir=tmp_path, timeout=120)
-        assert code == 0 and "rank 1: probe=" in output
-        assert pool.num_starts == 3  # the stuck rank 0 ended the first pool, the crash the second
+        # Rank 0 stayed in its barrier: that pool is gone, a fresh one runs the next job (and rank 1's
+        # death in it is the launcher's verdict: not 0).
+        code, output = pool.run(PROBE, ["crash-rank-1"], cwd=REPO, env=launch_env(), workdir=tmp_path, timeout=120)
+        assert code != 0 and pool.num_starts == 2
     finally:
         pool.shutdown()
 
