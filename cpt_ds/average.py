@@ -29,7 +29,7 @@ import torch
 
 from cpt_ds.cli import UsageError
 from cpt_ds.export import EXPORT_INFO
-from cpt_ds.fileio import fsync_path
+from cpt_ds.fileio import fsync_path, replace_folder
 from cpt_ds.tokenizer import TokenizerError, tokenizer_files, tokenizer_fingerprint
 
 SINGLE_FILE = "model.safetensors"
@@ -212,7 +212,7 @@ def average_models(inputs: Sequence[str | os.PathLike], output: str | os.PathLik
     temporary.mkdir()
     try:
         _write_average(folders, normalized, temporary, progress)
-        _replace(temporary, output)
+        replace_folder(temporary, output, output.with_name(f".{output.name}.old-{os.getpid()}"))
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
@@ -269,16 +269,3 @@ def _copy_side_files(folders: list[ModelFolder], weights: list[float], folder: P
 def _export_info(path: Path) -> dict[str, Any]:
     info = path / EXPORT_INFO
     return json.loads(info.read_text(encoding="utf-8")) if info.is_file() else {}
-
-
-def _replace(temporary: Path, output: Path) -> None:
-    """Move the finished folder into place; an earlier average being overwritten is moved aside first and
-    deleted last, so ``output`` is at every moment the old average or the new one (or absent)."""
-    if output.exists():
-        aside = output.with_name(f".{output.name}.old-{os.getpid()}")
-        os.replace(output, aside)
-        os.replace(temporary, output)
-        shutil.rmtree(aside)
-    else:
-        os.replace(temporary, output)
-    fsync_path(output.parent)

@@ -20,6 +20,7 @@ import torch
 
 from cpt_ds.checkpoint import (MODEL_STATES_FILE, CheckpointError, read_checked_marker, saved_client_state,
                                verified_marker)
+from cpt_ds.fileio import replace_folder
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +164,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
         info["files"] = sorted(child.name for child in temporary.iterdir() if child.name != PARTIAL_MARKER)
         (temporary / PARTIAL_MARKER).unlink()
         (temporary / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        _replace(temporary, output)
+        # check_output made sure OUTPUT.export-previous is free (a leftover one holds an older export).
+        replace_folder(temporary, output, output.with_name(output.name + ".export-previous"))
     logger.info("exported %s (%s, %s) to %s", checkpoint, kind, torch_dtype, output)
     return output
 
@@ -237,18 +239,6 @@ def _partial_folder(output: Path):
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)  # only what this export wrote; the error goes on
         raise
-
-
-def _replace(temporary: Path, output: Path) -> None:
-    """Move the finished export into place; a previous export is moved aside first and deleted last,
-    so at every moment one complete export exists."""
-    if not os.path.lexists(output):
-        os.replace(temporary, output)
-        return
-    previous = output.with_name(output.name + ".export-previous")  # check_output made sure it is free
-    os.replace(output, previous)
-    os.replace(temporary, output)
-    shutil.rmtree(previous)
 
 
 def trained_document_attention(checkpoint: Path) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,3 +47,16 @@ def cache_dir() -> Path:
     if os.environ.get("CPT_DS_CACHE_DIR"):
         return Path(os.environ["CPT_DS_CACHE_DIR"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cpt_ds"
+
+
+def replace_folder(temporary: Path, output: Path, aside: Path) -> None:
+    """Move the finished folder ``temporary`` to ``output``; a folder already there is moved to ``aside``
+    first and deleted last, so at every moment ``output`` is the old folder or the new one."""
+    if os.path.lexists(output):
+        os.replace(output, aside)
+        os.replace(temporary, output)
+        shutil.rmtree(aside)
+    else:
+        os.replace(temporary, output)
+    fsync_path(output.parent)
+
