@@ -6,7 +6,7 @@ the deepspeed launcher (``deepspeed/launcher/launch.py``) sends SIGTERM to one r
 for it to exit, then to the next. A rank that stopped on its own flag would leave the others waiting
 in a collective, so the flag is agreed: the loop asks ``Stopper.agreed()`` before every step (after the
 previous step's evaluation and save, so a notice that arrived during them counts), and that is one
-all-reduce of two integers, the same on every rank. Everyone sees the same answer and stops at the
+all-reduce of three integers, the same on every rank. Everyone sees the same answer and stops at the
 same step.
 
 The handlers only record the notice (a Python signal handler runs between bytecodes of the main
