@@ -19,6 +19,13 @@ from cpt_ds.hardware import cuda_package_problems
 DOCUMENT_SDPA = "cpt_document_sdpa"
 """PyTorch SDPA run once per document of a window (registered with transformers' AttentionInterface)."""
 
+ULYSSES = "cpt_ulysses"
+"""Sequence parallelism: DeepSpeed's Ulysses all-to-all around one of the implementations above."""
+
+# Model types whose attention runs through transformers' AttentionInterface with the position ids in
+# its keyword arguments, which is what the Ulysses wrapper gathers the document boundaries from.
+SEQUENCE_PARALLEL_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
 
 def attention_implementation(model_config: ModelConfig) -> str:
     """flash-attn 2 (varlen) when asked; with document attention, on CUDA PyTorch flex_attention (a
@@ -66,6 +73,75 @@ def register_document_sdpa() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(DOCUMENT_SDPA, document_sdpa_attention)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sequence parallelism (Ulysses)
+# --------------------------------------------------------------------------------------------------
+
+def register_sequence_parallel(core: str, hf_config: Any, group: Any, *, document_attention: bool) -> str:
+    """Register DeepSpeed's ``UlyssesSPAttentionHF`` around the ``core`` implementation for ``group``;
+    build the model with the returned name.
+
+    Each rank holds ``T / N`` tokens of every head; the all-to-all gives it all ``T`` tokens of
+    ``heads / N`` heads, the core attention runs on whole windows, and a second all-to-all returns
+    the rank's tokens with every head. The wrapper drops any mask and all-gathers the position ids, so
+    the document boundaries come from the gathered positions (a new document wherever the position
+    is 0), never from boundaries computed on the local shard.
+    """
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    from transformers import AttentionInterface
+
+    text = hf_config.get_text_config()
+    shape = {"attn_head_count": text.num_attention_heads, "kv_head_count": text.num_key_value_heads,
+             "attn_head_size": getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+             "num_hidden_layers": text.num_hidden_layers}
+    core_function = _whole_window_attention(core, document_attention)
+    by_batch_size: dict[int, Any] = {}  # the wrapper fixes its batch size; eval may use another one
+
+    def ulysses(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: Any, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        batch = query.shape[0]
+        if batch not in by_batch_size:
+            by_batch_size[batch] = UlyssesSPAttentionHF(attn=core_function, batch_size=batch, process_group=group,
+                                                        seq_length_is_variable=True, **shape)
+        return by_batch_size[batch](module, query, key, value, None, *args, **kwargs)
+
+    AttentionInterface.register(ULYSSES, ulysses)
+    return ULYSSES
+
+
+def _whole_window_attention(core: str, document_attention: bool) -> Any:
+    """The attention function Ulysses calls on whole windows (``position_ids`` gathered over the group)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if core == DOCUMENT_SDPA:
+        register_document_sdpa()
+    function = ALL_ATTENTION_FUNCTIONS[core]
+    if not document_attention:
+        return function  # mask None: plain causal over the window
+    if core == "flex_attention":
+        return _document_flex(function)
+
+    def by_document(module, query, key, value, attention_mask, **kwargs):
+        kwargs.update(flash_varlen_kwargs(kwargs["position_ids"]))
+        return function(module, query, key, value, None, **kwargs)
+
+    return by_document
+
+
+def _document_flex(function: Any) -> Any:
+    """flex_attention with the document mask of the gathered positions; one BlockMask per forward (every
+    layer sees the same positions), rebuilt when they change."""
+    cached: dict[str, Any] = {}
+
+    def by_document(module, query, key, value, attention_mask, **kwargs):
+        positions = kwargs["position_ids"]
+        if "positions" not in cached or not torch.equal(cached["positions"], positions):
+            cached["positions"], cached["mask"] = positions, document_block_mask(positions)
+        return function(module, query, key, value, cached["mask"], **kwargs)
+
+    return by_document
 
 
 # --------------------------------------------------------------------------------------------------
@@ -117,9 +193,17 @@ def model_inputs(batch: dict[str, torch.Tensor], *, document_attention: bool, im
     With ``document_attention`` the position ids restart per document and attention is limited to
     the token's own document: cu_seqlens for flash-attn varlen and for SDPA once per document, a
     BlockMask for flex_attention, an explicit block-diagonal causal mask for plain SDPA / eager. Without it only the input ids go in and the
-    model counts positions 0 .. T-1 with a plain causal mask (the baseline's behaviour).
+    model counts positions 0 .. T-1 with a plain causal mask (the baseline's behaviour). Under sequence
+    parallelism (``ULYSSES``) only the shard's positions go in (``register_sequence_parallel``).
     """
     inputs: dict[str, Any] = {"input_ids": batch["input_ids"].to(device)}
+    if implementation == ULYSSES:
+        # Only positions: the wrapper gathers them and masks by document (or plainly causal) itself.
+        positions = batch["position_ids"]
+        if not document_attention:
+            positions = torch.arange(positions.shape[1]).expand_as(positions) + batch.get("token_offset", 0)
+        inputs["position_ids"] = positions.to(device)
+        return inputs
     if not document_attention:
         return inputs
     position_ids = batch["position_ids"].to(device)
@@ -147,3 +231,23 @@ def attention_problems(model_config: ModelConfig) -> list[str]:
         return []
     return cuda_package_problems("use_flash_attention_2", module="flash_attn", package="flash-attn", extra="flash",
                                  fallback="PyTorch SDPA")
+
+
+def sequence_parallel_problems(sp_size: int, hf_config: Any) -> list[str]:
+    """What keeps this model from splitting its attention heads over ``sp_size`` ranks."""
+    if sp_size == 1 or hf_config is None:
+        return []
+    text = hf_config.get_text_config()
+    fix = "set sequence_parallel_size to a divisor of it, or 1"
+    if text.model_type not in SEQUENCE_PARALLEL_MODEL_TYPES:
+        return [f"sequence_parallel_size {sp_size}: model_type {text.model_type} has no supported sequence-parallel "
+                f"attention path (supported: {', '.join(SEQUENCE_PARALLEL_MODEL_TYPES)}); set sequence_parallel_size 1"]
+    problems = []
+    if text.num_attention_heads % sp_size:
+        problems.append(f"sequence_parallel_size {sp_size} does not divide the model's num_attention_heads "
+                        f"{text.num_attention_heads} (each rank computes heads / N of them); {fix}")
+    kv_heads = text.num_key_value_heads
+    if kv_heads % sp_size and sp_size % kv_heads:
+        problems.append(f"sequence_parallel_size {sp_size} and the model's num_key_value_heads {kv_heads} must divide "
+                        f"one another (key/value heads are split or replicated across the group); {fix}")
+    return problems

@@ -320,6 +320,9 @@ class TrainConfig:
     """Fault injection for tests: sleep this long in the middle of every save (after the shards, before the marker)."""
     export_final: bool = True
     """Write the trained model in Hugging Face format to output_dir/final at the end."""
+    sequence_parallel_size: int = 1
+    """Ranks that share one sample, each holding 1/N of its tokens (Ulysses; docs/long_context.md); the
+    data-parallel size is world size / N."""
 
     def problems(self) -> list[str]:
         found = []
@@ -343,6 +346,8 @@ class TrainConfig:
             found.append(f"max_wall_minutes must be positive or null, got {self.max_wall_minutes}")
         if self.save_fault_delay_seconds < 0:
             found.append(f"save_fault_delay_seconds must be >= 0, got {self.save_fault_delay_seconds}")
+        if self.sequence_parallel_size < 1:
+            found.append(f"sequence_parallel_size must be >= 1 (1 = off), got {self.sequence_parallel_size}")
         return found
 
 

@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -32,6 +33,59 @@ def init_distributed(timeout_minutes: int = 30) -> tuple[int, int, int]:
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                    timeout=datetime.timedelta(minutes=timeout_minutes))
     return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a rank sits. Groups of ``sp_size`` consecutive ranks share each sample (sequence
+    parallelism, each holding 1/sp_size of its tokens); the groups are the data-parallel replicas.
+    Consecutive ranks, as DeepSpeed's ``parallel_state_sp`` builds its groups."""
+
+    rank: int
+    world_size: int
+    sp_size: int = 1
+
+    @property
+    def sp_rank(self) -> int:
+        return self.rank % self.sp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.sp_size
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.sp_size
+
+
+def sequence_parallel_groups(sp_size: int) -> Any:
+    """DeepSpeed's sequence-parallel state (``parallel_state_sp``, the ``mpu`` deepspeed.initialize takes)
+    with groups of ``sp_size`` consecutive ranks; collective: every rank calls it."""
+    import deepspeed.runtime.sequence_parallel.parallel_state_sp as state
+
+    # Groups from an earlier run in this process (a test's rank pool) belong to that run.
+    state._release_sequence_parallel_groups()
+    state.initialize_sequence_parallel(sequence_parallel_size=sp_size)
+    return _NoTensorParallel(state)
+
+
+class _NoTensorParallel:
+    """``parallel_state_sp`` reporting tensor-parallel size 1. Its ``get_model_parallel_*`` alias the
+    sequence-parallel group, so DeepSpeed 0.19.8 records ``tp_degree`` N in each checkpoint while
+    writing one model file, and converting it to the universal format (to resume on another number of
+    ranks) fails with "model-state file count 1 does not match pp_degree=1 * tp_degree=2"."""
+
+    def __init__(self, state: Any):
+        self._state = state
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._state, name)
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return 0
 
 
 def setup_logging(rank: int) -> None:

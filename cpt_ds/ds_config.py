@@ -33,6 +33,16 @@ class DeepSpeedSettings:
     def train_batch_size(self) -> int:
         return self.micro_batch_size * self.gradient_accumulation_steps * self.world_size
 
+    def gradient_divisor(self, *, ranks: int, sequence_parallel_size: int) -> int:
+        """What DeepSpeed divides the gradients summed over all ``ranks`` by: the data-parallel size
+        (ranks / sequence_parallel_size), except ZeRO-3's reduce-scatter (on by default), which
+        divides by every rank (DeepSpeed 0.19.8, seen also in hamishivi/tmax PR 9; the
+        sequence-parallel exactness tests pin both)."""
+        zero = self.raw.get("zero_optimization") or {}
+        if self.zero_stage == 3 and zero.get("reduce_scatter", True):
+            return ranks
+        return ranks // sequence_parallel_size
+
 
 def _find_auto(value: Any, where: str = "") -> list[str]:
     if isinstance(value, dict):
@@ -58,12 +68,14 @@ def load_deepspeed_config(
     world_size: int,
     micro_batch_size: int | None = None,
     gradient_accumulation_steps: int | None = None,
+    sequence_parallel_size: int = 1,
 ) -> tuple[DeepSpeedSettings | None, list[str]]:
     """Read and check a DeepSpeed JSON; returns ``(settings or None, problems)``.
 
     The run config's ``per_device_train_batch_size`` / ``gradient_accumulation_steps`` (when set)
     replace the JSON's values; ``train_batch_size`` is then recomputed for this world size, because a
-    concrete global batch in a shipped file could only be right for one cluster size.
+    concrete global batch in a shipped file could only be right for one cluster size. ``world_size``
+    counts data-parallel replicas: ranks / ``sequence_parallel_size``.
     """
     raw, problems = _read_json(path)
     if raw is None:
@@ -87,6 +99,9 @@ def load_deepspeed_config(
     raw["train_micro_batch_size_per_gpu"] = micro
     raw["gradient_accumulation_steps"] = accumulation
     raw["train_batch_size"] = micro * accumulation * world_size
+    if sequence_parallel_size > 1:
+        # Read by the DeepSpeed config that ZeRO-3's zero.Init builds before the engine (and its mpu) exists.
+        raw["sequence_parallel_size"] = sequence_parallel_size
     raw.setdefault("steps_per_print", 2**31 - 1)  # our own status line replaces DeepSpeed's
     if "optimizer" not in raw:
         # We hand DeepSpeed a torch optimizer; ZeRO refuses "untested" client optimizers unless told.

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cpt_ds.attention import attention_implementation
+from cpt_ds.attention import attention_implementation, register_sequence_parallel
 from cpt_ds.config import ModelConfig
 from cpt_ds.ds_config import DeepSpeedSettings
 from cpt_ds.loss import LossSettings, apply_liger_kernels, attach_loss_forward, causal_lm_of
@@ -92,13 +92,18 @@ class BuiltModel:
     """The vocabulary size before embeddings were grown to the tokenizer's, or None."""
 
 
-def build_model(model_config: ModelConfig, ds: DeepSpeedSettings, *, vocab_size: int, seed: int) -> BuiltModel:
+def build_model(model_config: ModelConfig, ds: DeepSpeedSettings, *, vocab_size: int, seed: int,
+                sequence_parallel_group: Any = None) -> BuiltModel:
+    """``sequence_parallel_group``: the ranks that share each sample (Ulysses around the attention), or None."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     from transformers.integrations import HfDeepSpeedConfig
 
     dtype = training_dtype(model_config, ds)
     keepalive = HfDeepSpeedConfig(ds.raw) if ds.zero_stage == 3 else None
     attn = attention_implementation(model_config)
+    if sequence_parallel_group is not None:
+        attn = register_sequence_parallel(attn, load_hf_config(model_config), sequence_parallel_group,
+                                          document_attention=model_config.document_attention)
     torch.manual_seed(seed)  # the same random init on every rank (from-scratch runs and new rows)
     if model_config.model_name_or_path is not None:
         kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn}

@@ -66,6 +66,7 @@ class RunFacts:
     global_batch_size: int
     flops_per_token: float
     peak_tflops: float | None
+    sequence_parallel_size: int = 1
 
 
 class Reporter:
@@ -91,16 +92,23 @@ class Reporter:
         loss = ("liger" if model.use_liger_kernel else
                 f"chunks of {model.loss_chunk_size} tokens" if model.loss_chunk_size else "full logits")
         logger.info(
-            "cpt-ds %s | world %d | ZeRO-%d %s | micro %d x accumulation %d x ranks %d = %d samples/step "
+            "cpt-ds %s | world %d%s | ZeRO-%d %s | micro %d x accumulation %d x replicas %d = %d samples/step "
             "(%d tokens) | %d steps, warmup %d | params %.2fM, trainable %.2fM | %d train samples, %s eval samples | "
             "attention %s, document attention %s | loss %s\n  data: %s\n  eval sets: %s",
-            __version__, self.facts.world_size, ds.zero_stage, ds.precision, ds.micro_batch_size,
-            ds.gradient_accumulation_steps, self.facts.world_size, self.facts.global_batch_size,
+            __version__, self.facts.world_size, self._sequence_parallel_text(), ds.zero_stage, ds.precision,
+            ds.micro_batch_size, ds.gradient_accumulation_steps,
+            self.facts.world_size // self.facts.sequence_parallel_size, self.facts.global_batch_size,
             self.facts.global_batch_size * self.facts.block_size, self.facts.total_steps, warmup_steps,
             num_parameters / 1e6, num_trainable / 1e6, len(data.samples),
             sum(len(c.samples) for c in data.eval_sets) or "no", attention_implementation,
             "on" if model.document_attention else "off", loss, self._components_text(consumed_samples),
             ", ".join(f"{c.name} ({len(c.samples)} samples)" for c in data.eval_sets) or "none")
+
+    def _sequence_parallel_text(self) -> str:
+        sp_size = self.facts.sequence_parallel_size
+        if sp_size == 1:
+            return ""
+        return f", sequence parallel {sp_size} ({self.facts.block_size // sp_size} tokens of each sample per rank)"
 
     def _components_text(self, consumed_samples: int) -> str:
         epochs = self.data.epochs(consumed_samples)

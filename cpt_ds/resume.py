@@ -30,7 +30,8 @@ SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "n
               "tie_word_embeddings")
 
 # Run-config fields that say how to launch, not what to train: changing them at resume is expected.
-LAUNCH_ONLY_KEYS = frozenset({"resume_from_checkpoint", "stop_at_step", "save_fault_delay_seconds", "max_wall_minutes"})
+LAUNCH_ONLY_KEYS = frozenset({"resume_from_checkpoint", "stop_at_step", "save_fault_delay_seconds", "max_wall_minutes",
+                              "sequence_parallel_size"})
 
 
 # --------------------------------------------------------------------------------------------------

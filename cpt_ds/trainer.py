@@ -5,10 +5,13 @@ Per micro-batch the model returns the loss summed over its labelled positions (c
 and cross entropy run a chunk of tokens at a time, never holding the full logits), with attention
 limited to each token's own document when ``document_attention`` is on (cpt_ds/attention.py).
 
-Gradient math: per micro-batch we backpropagate ``loss_sum * accumulation * world / global_tokens``.
-DeepSpeed divides by the accumulation steps and averages gradients over data-parallel ranks, so the
-applied gradient is exactly that of the token-weighted mean loss over the whole global batch
-(every label counts once, whichever rank or micro-batch it landed in).
+Gradient math: per micro-batch we backpropagate ``loss_sum * accumulation * d / global_tokens``.
+DeepSpeed divides by the accumulation steps, sums gradients over all ranks and divides by ``d`` (the
+data-parallel replicas; every rank under ZeRO-3, ``DeepSpeedSettings.gradient_divisor``), so the applied
+gradient is exactly that of the token-weighted mean loss over the whole global batch (every label counts once, whichever rank or micro-batch it landed in). Under
+sequence parallelism (``sequence_parallel_size`` N, data-parallel size world / N) each rank of a group
+holds 1/N of each sample's tokens (cpt_ds/data/loader.py) and the attention exchanges them
+(cpt_ds/attention.py); every token still lives on exactly one rank, so the same sums hold.
 
 Elsewhere: which checkpoint may be resumed and how (cpt_ds/resume.py), saving and loading it
 (cpt_ds/checkpoint.py), status lines and metrics.jsonl records (cpt_ds/reporter.py).
@@ -33,7 +36,15 @@ from cpt_ds.config import ConfigError, RunConfig
 from cpt_ds.data import DataError
 from cpt_ds.data.corpora import RunData, build_run_data
 from cpt_ds.data.loader import IGNORE_INDEX, TrainLoader, eval_batches
-from cpt_ds.distributed import barrier, destroy_process_group, device, init_distributed, setup_logging
+from cpt_ds.distributed import (
+    Layout,
+    barrier,
+    destroy_process_group,
+    device,
+    init_distributed,
+    sequence_parallel_groups,
+    setup_logging,
+)
 from cpt_ds.loss import LossOutput
 from cpt_ds.metrics import TokenMetrics, all_reduce_stats, by_corpus, evaluate_sets, sample_stats
 from cpt_ds.model import (
@@ -72,6 +83,7 @@ class Trainer:
         self.config = config
         self.rank, self.world_size, self.local_rank = init_distributed(config.train.dist_timeout_minutes)
         setup_logging(self.rank)
+        self.layout = Layout(self.rank, self.world_size, config.train.sequence_parallel_size)
         self.plan: Plan = preflight(config, world_size=self.world_size, rank=self.rank)
         self.ds = self.plan.ds
         self.device = device()
@@ -90,13 +102,15 @@ class Trainer:
         self._build_engine()
         self.loader = TrainLoader(self.data.samples, micro_batch_size=self.ds.micro_batch_size,
                                   gradient_accumulation_steps=self.ds.gradient_accumulation_steps,
-                                  dp_rank=self.rank, dp_world_size=self.world_size, seed=config.train.seed,
-                                  order=self.data.order)
+                                  dp_rank=self.layout.dp_rank, dp_world_size=self.layout.dp_size,
+                                  seed=config.train.seed, order=self.data.order, sp_rank=self.layout.sp_rank,
+                                  sp_size=self.layout.sp_size)
         matmul_trainable, matmul_frozen = matmul_parameters(self.built.module)
         facts = RunFacts(
             rank=self.rank, world_size=self.world_size, total_steps=self.total_steps,
             logging_steps=config.train.logging_steps, block_size=config.data.block_size,
             global_batch_size=self.loader.global_batch_size, peak_tflops=peak_tflops(config.train.peak_tflops),
+            sequence_parallel_size=self.layout.sp_size,
             flops_per_token=flops_per_token(self.built.hf_config, config.data.block_size,
                                             matmul_trainable=matmul_trainable, matmul_frozen=matmul_frozen))
         self.reporter = Reporter(self.output_dir, facts, data=self.data, monitor=getattr(self.engine, "monitor", None))
@@ -117,20 +131,23 @@ class Trainer:
                 self.plan.train_components, self.plan.eval_sets, block_size=data.block_size,
                 validation_split_percentage=data.validation_split_percentage,
                 max_train_samples=data.max_train_samples, max_eval_samples=data.max_eval_samples,
-                seed=self.config.train.seed, phases=data.phase_blends(), global_batch_size=self.ds.micro_batch_size
-                * self.ds.gradient_accumulation_steps * self.world_size)
+                seed=self.config.train.seed, phases=data.phase_blends(), global_batch_size=self.global_batch_size)
         except DataError as error:
             raise ConfigError(str(error)) from None
+
+    @property
+    def global_batch_size(self) -> int:
+        """Samples per optimizer step: a sequence-parallel group trains one sample per micro-batch slot."""
+        return self.ds.micro_batch_size * self.ds.gradient_accumulation_steps * self.layout.dp_size
 
     def _total_steps(self) -> int:
         if self.config.train.max_steps > 0:
             return self.config.train.max_steps
-        return max(1, math.ceil(self.config.train.num_train_epochs * len(self.data.samples)
-                                / (self.ds.micro_batch_size * self.ds.gradient_accumulation_steps * self.world_size)))
+        return max(1, math.ceil(self.config.train.num_train_epochs * len(self.data.samples) / self.global_batch_size))
 
     def _fingerprints(self) -> dict[str, Any]:
         return run_fingerprints(self.config, self.plan, self.data, total_steps=self.total_steps,
-                                world_size=self.world_size)
+                                global_batch_size=self.global_batch_size)
 
     def _plan_resume(self) -> resume.ResumePlan | None:
         """Find, verify and vet the checkpoint to resume from; convert it to the universal format and set
@@ -154,15 +171,19 @@ class Trainer:
         return plan
 
     def _build_engine(self) -> None:
-        self.built: BuiltModel = build_model(self.config.model, self.ds, vocab_size=self.plan.vocab_size,
-                                             seed=self.config.train.seed)
+        # DeepSpeed's sequence-parallel state doubles as the "mpu" that tells ZeRO which ranks hold
+        # the same sample (gradients summed over all ranks, divided by the data-parallel size).
+        groups = sequence_parallel_groups(self.layout.sp_size) if self.layout.sp_size > 1 else None
+        self.built: BuiltModel = build_model(
+            self.config.model, self.ds, vocab_size=self.plan.vocab_size, seed=self.config.train.seed,
+            sequence_parallel_group=groups.get_sequence_parallel_group() if groups else None)
         self.attention_implementation = module_attention_implementation(self.built.module)
         self.num_parameters, self.num_trainable = count_parameters(self.built.module)
         optimizer, parameters = build_optimizer(self.built.module, self.config.optim, self.ds)
         import deepspeed
 
         self.engine, self.optimizer, _, self.ds_scheduler = deepspeed.initialize(
-            model=self.built.module, optimizer=optimizer, model_parameters=parameters, config=self.ds.raw)
+            model=self.built.module, optimizer=optimizer, model_parameters=parameters, config=self.ds.raw, mpu=groups)
 
     def _resume(self, plan: resume.ResumePlan) -> None:
         state = self.checkpointer.load(self.engine, plan.load_path, universal=plan.universal,
@@ -174,6 +195,11 @@ class Trainer:
         changes = resume.config_changes(state["config"], self.config.to_flat())
         if changes and self.rank == 0:
             logger.warning("run config changed since the checkpoint (applied from now on): %s", "; ".join(changes))
+        saved_sp_size = int(state.get("sequence_parallel_size", 1))
+        if saved_sp_size != self.layout.sp_size:
+            logger.info("the checkpoint was trained with sequence_parallel_size %d, this run uses %d (each "
+                        "sample's tokens on %d rank(s)); the data position continues", saved_sp_size,
+                        self.layout.sp_size, self.layout.sp_size)
         self.reporter.metrics.truncate_after(self.step)
         campaign.record_branch(self.reporter.metrics, plan.checkpoint, self.output_dir, self.step)
         logger.info("resumed at step %d, consumed_samples %d (epochs %s) from %s", self.step,
@@ -226,9 +252,25 @@ class Trainer:
         if not self.ds.has_scheduler:
             for group in self.engine.optimizer.param_groups:
                 group["lr"] = lr
+        total = self.accumulate_gradients(micro_batches)
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        # Under fp16 a skipped step is how loss scaling works; in fp32/bf16 it means the run diverged,
+        # and carrying on would report success for a model that stopped learning.
+        if not self.engine.was_step_applied() and self.ds.precision != "fp16":
+            raise NonFiniteGradientError(
+                f"non-finite gradient at step {self.step + 1} (grad norm {norm}); DeepSpeed skipped the update and "
+                "training stopped before any save. Lower learning_rate, enable gradient_clipping in the DeepSpeed "
+                f"JSON, check the data, or resume from the last checkpoint in {self.output_dir}")
+        return total, (float(norm) if norm is not None else None)
+
+    def accumulate_gradients(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """Forward and backward of every micro-batch, up to (not including) the optimizer step; returns the
+        global per-corpus sums. Raises before the step when any rank's loss was not finite."""
         local_tokens = sum(int((batch["labels"] != IGNORE_INDEX).sum()) for batch in micro_batches)
         global_tokens = int(all_reduce_stats(torch.tensor([local_tokens], dtype=torch.int64)).item())
-        scale = self.ds.gradient_accumulation_steps * self.world_size / global_tokens
+        divisor = self.ds.gradient_divisor(ranks=self.world_size, sequence_parallel_size=self.layout.sp_size)
+        scale = self.ds.gradient_accumulation_steps * divisor / global_tokens
         num_corpora = len(self.data.train)
         # Rows: one per corpus (loss_sum, correct, tokens), then [non-finite micro-batches, 0, 0]; one all-reduce.
         stats = torch.zeros(num_corpora + 1, 3, dtype=torch.int64)
@@ -236,8 +278,7 @@ class Trainer:
         for index, batch in enumerate(micro_batches):
             labels = batch["labels"].to(self.device)
             output = self.forward(batch, labels)
-            finite = bool(torch.isfinite(output.loss))
-            if finite:
+            if bool(torch.isfinite(output.loss)):
                 stats[:num_corpora] += by_corpus(sample_stats(output, labels, with_accuracy=False), batch["corpus"],
                                                  num_corpora)
             else:
@@ -252,16 +293,7 @@ class Trainer:
                 f"non-finite loss at step {self.step + 1} in {int(total[num_corpora, 0])} micro-batch(es) across ranks; "
                 "stopped before the optimizer step and before any save. Lower learning_rate, check the data, "
                 f"or resume from the last checkpoint in {self.output_dir}")
-        self.engine.step()
-        norm = self.engine.get_global_grad_norm()
-        # Under fp16 a skipped step is how loss scaling works; in fp32/bf16 it means the run diverged,
-        # and carrying on would report success for a model that stopped learning.
-        if not self.engine.was_step_applied() and self.ds.precision != "fp16":
-            raise NonFiniteGradientError(
-                f"non-finite gradient at step {self.step + 1} (grad norm {norm}); DeepSpeed skipped the update and "
-                "training stopped before any save. Lower learning_rate, enable gradient_clipping in the DeepSpeed "
-                f"JSON, check the data, or resume from the last checkpoint in {self.output_dir}")
-        return total[:num_corpora], (float(norm) if norm is not None else None)
+        return total[:num_corpora]
 
     def forward(self, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> LossOutput:
         """The loss of one micro-batch (cpt_ds/loss.py): summed over its labelled positions, plus the
@@ -276,8 +308,9 @@ class Trainer:
         started = time.perf_counter()
         micro = self.config.train.per_device_eval_batch_size or self.ds.micro_batch_size
         per_set = evaluate_sets(self.engine, {
-            corpus.name: eval_batches(corpus.samples, micro_batch_size=micro, dp_rank=self.rank,
-                                      dp_world_size=self.world_size) for corpus in self.data.eval_sets},
+            corpus.name: eval_batches(corpus.samples, micro_batch_size=micro, dp_rank=self.layout.dp_rank,
+                                      dp_world_size=self.layout.dp_size, sp_rank=self.layout.sp_rank,
+                                      sp_size=self.layout.sp_size) for corpus in self.data.eval_sets},
             document_attention=self.config.model.document_attention)
         return self.reporter.evaluation(self.step, per_set, time.perf_counter() - started)
 
@@ -286,7 +319,8 @@ class Trainer:
     def client_state(self) -> dict[str, Any]:
         return {"cpt_ds": {"format_version": CLIENT_FORMAT_VERSION, "version": __version__, "step": self.step,
                            "data": self.loader.state_dict(), "fingerprints": self.fingerprints,
-                           "world_size": self.world_size, "config": self.config.to_flat()}}
+                           "world_size": self.world_size, "sequence_parallel_size": self.layout.sp_size,
+                           "config": self.config.to_flat()}}
 
     def save(self) -> Path:
         def write_model_files(path: Path) -> None:
@@ -316,7 +350,7 @@ class Trainer:
 
 
 def run_fingerprints(config: RunConfig, plan: Plan, data: RunData, *, total_steps: int,
-                     world_size: int) -> dict[str, Any]:
+                     global_batch_size: int) -> dict[str, Any]:
     """What this run's checkpoints record of what they were trained on (cpt_ds/resume.py); a campaign
     adds its plan (cpt_ds/campaign.py), which a run without phases does not have."""
     found = resume.fingerprints(
@@ -327,8 +361,7 @@ def run_fingerprints(config: RunConfig, plan: Plan, data: RunData, *, total_step
         document_attention=config.model.document_attention)
     phases = campaign.plan_fingerprint(
         config=config, data=data, component_files=[files for _, _, files in plan.train_components],
-        total_steps=total_steps, ds=plan.ds,
-        global_batch_size=plan.ds.micro_batch_size * plan.ds.gradient_accumulation_steps * world_size)
+        total_steps=total_steps, ds=plan.ds, global_batch_size=global_batch_size)
     return found if phases is None else {**found, "phases": phases}
 
 

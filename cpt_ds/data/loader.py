@@ -10,6 +10,12 @@ together have trained on. Global position ``p`` belongs to epoch ``p // N`` and 
 so the data a step sees depends only on ``consumed_samples`` and the batch shape, never on
 per-rank iterator state. That is what makes resume exact and lets a run continue on another world
 size without replaying or skipping a sample (the positions already consumed stay consumed).
+
+Under sequence parallelism "rank" above is the data-parallel rank: the ``sp_size`` ranks of a group
+read the same micro-batches and each keeps its contiguous 1/sp_size of every sample's tokens
+(``shard_sequence``). Labels are already the next tokens and position ids already count within each
+document of the whole window (cpt_ds/data/windows.py), so cutting a window needs nothing from the
+neighbouring shard: a document crossing the cut keeps counting on the next rank.
 """
 
 from __future__ import annotations
@@ -67,6 +73,22 @@ def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     return {key: torch.from_numpy(np.stack([sample[key] for sample in samples])).long() for key in samples[0]}
 
 
+def shard_sequence(batch: dict[str, Any], sp_rank: int, sp_size: int) -> dict[str, Any]:
+    """Sequence-parallel rank ``sp_rank``'s contiguous 1/``sp_size`` of every per-token tensor
+    (``[B, T]``: input ids, labels, position ids); per-sample keys (the corpus index) are kept whole.
+    ``token_offset`` says where the shard starts in the window."""
+    if sp_size == 1:
+        return batch
+    length = batch["input_ids"].shape[1]
+    assert length % sp_size == 0, (length, sp_size)  # preflight: block_size divisible by sequence_parallel_size
+    shard = length // sp_size
+    start = sp_rank * shard
+    out = {key: value[:, start:start + shard] if isinstance(value, torch.Tensor) and value.dim() == 2 else value
+           for key, value in batch.items()}
+    out["token_offset"] = start
+    return out
+
+
 class TrainLoader:
     """Yields this rank's micro-batches for each optimizer step; state is ``consumed_samples`` only."""
 
@@ -80,9 +102,12 @@ class TrainLoader:
         dp_world_size: int,
         seed: int,
         order: Any = None,
+        sp_rank: int = 0,
+        sp_size: int = 1,
     ):
         """``order`` maps global positions to sample ids (``ids(start, stop)``); default: one seeded
-        permutation of ``samples`` per epoch."""
+        permutation of ``samples`` per epoch. ``sp_rank`` / ``sp_size``: this rank's share of each sample
+        under sequence parallelism (``shard_sequence``)."""
         if len(samples) == 0:
             raise DataError("the training data holds no complete sample: pack more text or lower block_size")
         self.samples = samples
@@ -91,6 +116,8 @@ class TrainLoader:
         self.dp_rank = dp_rank
         self.dp_world_size = dp_world_size
         self.seed = seed
+        self.sp_rank = sp_rank
+        self.sp_size = sp_size
         self.order = order if order is not None else SampleOrder(len(samples), seed)
         self.consumed_samples = 0
 
@@ -113,7 +140,8 @@ class TrainLoader:
 
     def next_step(self) -> list[dict[str, torch.Tensor]]:
         """The micro-batches of the next optimizer step; advances ``consumed_samples`` by a global batch."""
-        batches = [collate([self.samples[int(i)] for i in ids]) for ids in self.step_sample_ids(self.consumed_samples)]
+        batches = [shard_sequence(collate([self.samples[int(i)] for i in ids]), self.sp_rank, self.sp_size)
+                   for ids in self.step_sample_ids(self.consumed_samples)]
         self.consumed_samples += self.global_batch_size
         return batches
 
@@ -137,9 +165,11 @@ class TrainLoader:
 
 
 def eval_batches(
-    samples: SampleSource, *, micro_batch_size: int, dp_rank: int, dp_world_size: int
+    samples: SampleSource, *, micro_batch_size: int, dp_rank: int, dp_world_size: int, sp_rank: int = 0,
+    sp_size: int = 1,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """This rank's share of the eval set in order: sample ``i`` goes to rank ``i % world``.
+    """This rank's share of the eval set in order: sample ``i`` goes to data-parallel rank ``i % world``
+    (under sequence parallelism each rank of the group then keeps its part of the tokens).
 
     Every rank yields the same number of batches (ZeRO-3 forwards are collective); a rank whose
     share runs out pads with copies whose labels are all ``IGNORE_INDEX``, which add nothing to the sums.
@@ -157,4 +187,4 @@ def eval_batches(
                 filler = dict(samples[0])  # every key of a real sample (position ids, ...), no labels
                 filler["labels"] = np.full_like(filler["labels"], IGNORE_INDEX)
                 batch.append(filler)
-        yield collate(batch)
+        yield shard_sequence(collate(batch), sp_rank, sp_size)

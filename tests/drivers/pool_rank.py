@@ -89,10 +89,14 @@ def clear_once_caches() -> None:
 
 def release_globals() -> None:
     """Library state a fresh process would not have: the ZeRO-3 config transformers keeps a weak
-    reference to (ZeRO-3 construction in the next job otherwise), and the cycles holding the engine."""
+    reference to (ZeRO-3 construction in the next job otherwise), DeepSpeed's parallel-state object
+    (``deepspeed.initialize(mpu=...)`` of a sequence-parallel job; the next job's engine would read its
+    groups), and the cycles holding the engine."""
     gc.collect()
     if "transformers.integrations.deepspeed" in sys.modules:
         sys.modules["transformers.integrations.deepspeed"].unset_hf_deepspeed_config()
+    if "deepspeed.utils.groups" in sys.modules:
+        sys.modules["deepspeed.utils.groups"].mpu = None
 
 
 def run_job(job: dict, launcher_env: dict[str, str]) -> int:
