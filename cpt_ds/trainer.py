@@ -155,7 +155,7 @@ class Trainer:
 
     def _build_engine(self) -> None:
         self.built: BuiltModel = build_model(self.config.model, self.ds, vocab_size=self.plan.vocab_size,
-                                             seed=self.config.train.seed)
+                                             seed=self.config.train.seed, hf_config=self.plan.hf_config)
         self.attention_implementation = module_attention_implementation(self.built.module)
         self.num_parameters, self.num_trainable = count_parameters(self.built.module)
         optimizer, parameters = build_optimizer(self.built.module, self.config.optim, self.ds)
