@@ -23,7 +23,7 @@ from cpt_ds.attention import attention_implementation
 from cpt_ds.config import ModelConfig
 from cpt_ds.ds_config import DeepSpeedSettings
 from cpt_ds.loss import LossSettings, apply_liger_kernels, attach_loss_forward, causal_lm_of
-from cpt_ds.rope import apply_overrides, raise_max_positions
+from cpt_ds.rope import apply_overrides
 from cpt_ds.tiled_mlp import enable_tiled_mlp
 from cpt_ds.tokenizer import VOCAB_EXTENSION_FILE
 
@@ -50,12 +50,10 @@ def dtype_problems(model_config: ModelConfig, ds: DeepSpeedSettings) -> list[str
 
 def load_hf_config(model_config: ModelConfig, *, block_size: int | None = None) -> Any:
     """The transformers config of the model to train (no weights are read), with the run's RoPE
-    overrides; with those and ``block_size``, ``max_position_embeddings`` is raised to it when smaller
-    (after the overrides: a scaling's default original length is the model's own)."""
+    overrides; with those and ``block_size``, ``max_position_embeddings`` is raised to it when smaller."""
     config = _base_hf_config(model_config)
-    if apply_overrides(config, rope_theta=model_config.rope_theta, rope_scaling=model_config.rope_scaling) \
-            and block_size is not None:
-        raise_max_positions(config, block_size)
+    apply_overrides(config, rope_theta=model_config.rope_theta, rope_scaling=model_config.rope_scaling,
+                    block_size=block_size)
     return config
 
 

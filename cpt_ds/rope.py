@@ -46,12 +46,15 @@ def override_problems(rope_theta: float | None, rope_scaling: dict[str, Any] | N
     return found
 
 
-def apply_overrides(hf_config: Any, *, rope_theta: float | None, rope_scaling: dict[str, Any] | None) -> bool:
+def apply_overrides(hf_config: Any, *, rope_theta: float | None, rope_scaling: dict[str, Any] | None,
+                    block_size: int | None = None) -> bool:
     """Merge the overrides into ``hf_config.rope_parameters``; False when there are none.
 
     ``rope_scaling`` replaces the model's scaling (its type and keys), keeping the model's base unless
-    ``rope_theta`` is given too; ``rope_theta`` alone keeps the model's scaling. Raises ValueError
-    naming the field when transformers refuses the result (a missing key of the chosen type).
+    ``rope_theta`` is given too; ``rope_theta`` alone keeps the model's scaling. With an override,
+    ``max_position_embeddings`` is raised to ``block_size`` when smaller (before validation, which
+    compares a scaling's original length with it). Raises ValueError naming the field when
+    transformers refuses the result (a missing key of the chosen type).
     """
     if rope_theta is None and rope_scaling is None:
         return False
@@ -73,6 +76,8 @@ def apply_overrides(hf_config: Any, *, rope_theta: float | None, rope_scaling: d
         raise ValueError(f"rope_scaling: unknown keys {unknown} (a typo?); use the keys of transformers' "
                          f"RopeParameters, e.g. factor, original_max_position_embeddings")
     hf_config.rope_parameters = parameters
+    if block_size is not None:
+        raise_max_positions(hf_config, block_size)
     try:
         hf_config.standardize_rope_params()
         hf_config.validate_rope()
@@ -104,5 +109,6 @@ def rope_changes(saved: dict[str, Any], current: dict[str, Any]) -> str:
         changes.append(f"rope_theta {saved.get('rope_theta')} -> {current.get('rope_theta')}")
     scaling = [{key: value for key, value in side.items() if key != "rope_theta"} for side in (saved, current)]
     if scaling[0] != scaling[1]:
-        changes.append(f"rope_scaling {json.dumps(scaling[0])} -> {json.dumps(scaling[1])}")
+        changes.append(f"rope_scaling {json.dumps(scaling[0], sort_keys=True)} -> "
+                       f"{json.dumps(scaling[1], sort_keys=True)}")
     return ", ".join(changes)
