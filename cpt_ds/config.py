@@ -22,6 +22,8 @@ from cpt_ds.cli import DEBUG_HELP
 from cpt_ds.config_values import coerce, parse_overrides, split_commas
 from cpt_ds.data.blend import ComponentSpec, PhaseBlend, is_weighted, parse_data_path, parse_named_paths
 from cpt_ds.phases import parse_phases, phases_problems, run_components, total_steps
+from cpt_ds.rope import override_problems
+from cpt_ds.tiled_mlp import tiling_problems
 
 # Baseline flags that have no counterpart here, with what to do instead. Named so the unknown-key
 # error for a migrated run_pt.sh says why instead of just "unknown".
@@ -96,6 +98,15 @@ class ModelConfig:
     kernels) instead of the chunked loss."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    rope_theta: float | None = None
+    """Override of the model's RoPE base (context extension, e.g. 1000000.0); null keeps the model's."""
+    rope_scaling: dict[str, Any] | None = None
+    """Override of the model's RoPE scaling in Hugging Face's form, e.g. {"rope_type": "yarn", "factor": 4.0,
+    "original_max_position_embeddings": 8192}; null keeps the model's. Fingerprinted and exported."""
+    tiled_mlp: bool = False
+    """DeepSpeed's TiledMLP: each MLP runs over shards of the sequence, recomputed in backward (long sequences)."""
+    tiled_mlp_shards: int | None = None
+    """Shards per MLP call with tiled_mlp; null = ceil(block_size / hidden_size) (DeepSpeed's ALST rule)."""
     full_finetuning: bool = False
     """Train every weight; False trains LoRA adapters (the baseline's default)."""
     trainable: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
@@ -145,6 +156,7 @@ class ModelConfig:
                          "directly); train lm_head in full with modules_to_save, or set loss_chunk_size 0")
         if self.load_in_kbits != 16 and self.model_name_or_path is None:
             found.append("load_in_kbits needs pretrained weights to quantize: set model_name_or_path")
+        found += override_problems(self.rope_theta, self.rope_scaling) + tiling_problems(self)
         malformed = [item for item in self.config_overrides if "=" not in item or item.startswith("=")]
         if malformed:
             found.append(f"config_overrides items are KEY=VALUE, got {', '.join(map(repr, malformed))}")

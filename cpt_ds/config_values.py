@@ -88,6 +88,8 @@ def coerce(value: Any, tp: Any) -> Any:
         raise ValueError(f"must be one of {list(allowed)}, got {value!r}")
     if is_list(base) and typing.get_origin(typing.get_args(base)[0]) is dict:
         return _coerce_objects(value)
+    if typing.get_origin(base) is dict:
+        return _coerce_object(value)
     if is_list(base):
         if isinstance(value, str):
             value = [value]
@@ -126,6 +128,18 @@ def _coerce_objects(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
         raise ValueError(f"must be a list of JSON objects, got {json.dumps(value)[:80]}")
     return [dict(item) for item in value]
+
+
+def _coerce_object(value: Any) -> dict[str, Any]:
+    """A JSON object, or its text (the command line's spelling: --rope_scaling '{"rope_type": ...}')."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"must be a JSON object, got {value[:80]!r} ({error})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a JSON object, got {json.dumps(value)[:80]}")
+    return dict(value)
 
 
 def _coerce_number(value: Any, base: type) -> int | float:

@@ -29,6 +29,20 @@ EXPORT_INFO = "cpt_ds_export.json"
 PARTIAL_MARKER = "cpt_ds_export_partial"
 """Marks ``OUTPUT.export-partial``, an export being written (a leftover one is safe to delete)."""
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BASE_CONFIG_OVERRIDES = ("rope_parameters", "max_position_embeddings")
+"""What a LoRA run may change in its base model's config (rope_theta / rope_scaling and the positions
+raised with them): an adapter's base is rebuilt with them, and an adapter export records them."""
+
+
+def base_config(base_path: str | os.PathLike, trained: dict[str, Any]) -> Any:
+    """The base model's config with the trained model's ``BASE_CONFIG_OVERRIDES`` (a dict of them)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base_path)
+    for key in BASE_CONFIG_OVERRIDES:
+        if trained.get(key) is not None:
+            setattr(config, key, json.loads(json.dumps(trained[key])))
+    return config
 
 
 def checkpoint_meta(checkpoint: Path) -> dict[str, Any]:
@@ -99,7 +113,8 @@ def _load_trained_model(checkpoint: Path, *, dtype: torch.dtype) -> Any:
     if not Path(base_path).is_dir():
         raise CheckpointError(f"LoRA export needs the base model {base_path} recorded in {checkpoint}; "
                               "it no longer exists there: restore it or pass --base_model")
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+    overrides = {key: getattr(config, key, None) for key in BASE_CONFIG_OVERRIDES}
+    base = AutoModelForCausalLM.from_pretrained(base_path, config=base_config(base_path, overrides), dtype=dtype)
     resize_embeddings(base, config.vocab_size, tokenizer_path=checkpoint / "tokenizer", model_path=base_path)
     model = get_peft_model(base, LoraConfig.from_pretrained(checkpoint / "model"))
     state = trained_state_dict(checkpoint, exclude_frozen=True)
@@ -156,6 +171,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
     info = {"checkpoint": str(checkpoint.resolve()), "kind": kind, "dtype": str(torch_dtype).removeprefix("torch."),
             "step": meta["step"], "base_model": meta.get("base_model"),
             "document_attention": trained_document_attention(checkpoint)}
+    if kind == "adapter":  # the adapter folder has no config.json to carry them
+        info["base_config"] = {key: getattr(model.config, key, None) for key in BASE_CONFIG_OVERRIDES}
     with _partial_folder(output) as temporary:
         model.save_pretrained(temporary, safe_serialization=True)
         for file in sorted((checkpoint / "tokenizer").iterdir()):
@@ -276,12 +293,13 @@ def load_exported_model(folder: str | os.PathLike, *, dtype: torch.dtype = torch
 
     base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
     info = folder / EXPORT_INFO
-    if info.is_file():
-        base = json.loads(info.read_text()).get("base_model") or base
+    recorded = json.loads(info.read_text()) if info.is_file() else {}
+    base = recorded.get("base_model") or base
     if not base or not Path(base).is_dir():
         raise CheckpointError(f"{folder} is a LoRA adapter whose base model {base!r} is not a local folder; "
                               "set base_model_name_or_path in its adapter_config.json")
     with _local_construction():
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation=attn_implementation)
+        model = AutoModelForCausalLM.from_pretrained(base, config=base_config(base, recorded.get("base_config") or {}),
+                                                     dtype=dtype, attn_implementation=attn_implementation)
         resize_embeddings(model, len(load_tokenizer(folder)), tokenizer_path=folder, model_path=base)
         return PeftModel.from_pretrained(model, folder)

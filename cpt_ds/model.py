@@ -7,6 +7,7 @@ returned so the caller keeps it alive (transformers only holds a weak reference)
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import logging
@@ -22,6 +23,8 @@ from cpt_ds.attention import attention_implementation, register_sequence_paralle
 from cpt_ds.config import ModelConfig
 from cpt_ds.ds_config import DeepSpeedSettings
 from cpt_ds.loss import LossSettings, apply_liger_kernels, attach_loss_forward, causal_lm_of
+from cpt_ds.rope import apply_overrides
+from cpt_ds.tiled_mlp import enable_tiled_mlp
 from cpt_ds.tokenizer import VOCAB_EXTENSION_FILE
 
 logger = logging.getLogger(__name__)
@@ -45,8 +48,16 @@ def dtype_problems(model_config: ModelConfig, ds: DeepSpeedSettings) -> list[str
             f"({ds.precision} in {ds.path}); use torch_dtype auto or change the JSON"]
 
 
-def load_hf_config(model_config: ModelConfig) -> Any:
-    """The transformers config of the model to train (no weights are read)."""
+def load_hf_config(model_config: ModelConfig, *, block_size: int | None = None) -> Any:
+    """The transformers config of the model to train (no weights are read), with the run's RoPE
+    overrides; with those and ``block_size``, ``max_position_embeddings`` is raised to it when smaller."""
+    config = _base_hf_config(model_config)
+    apply_overrides(config, rope_theta=model_config.rope_theta, rope_scaling=model_config.rope_scaling,
+                    block_size=block_size)
+    return config
+
+
+def _base_hf_config(model_config: ModelConfig) -> Any:
     from transformers import CONFIG_MAPPING, AutoConfig
 
     if model_config.model_name_or_path is not None:
@@ -93,35 +104,29 @@ class BuiltModel:
 
 
 def build_model(model_config: ModelConfig, ds: DeepSpeedSettings, *, vocab_size: int, seed: int,
-                sequence_parallel_group: Any = None) -> BuiltModel:
-    """``sequence_parallel_group``: the ranks that share each sample (Ulysses around the attention), or None."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+                hf_config: Any = None, sequence_parallel_group: Any = None) -> BuiltModel:
+    """``hf_config``: preflight's (``Plan.hf_config``, RoPE overrides and positions applied), so the model,
+    FLOPs and fingerprints read one config; None loads it here (without raising the positions).
+    ``sequence_parallel_group``: the ranks that share each sample (Ulysses around the attention), or None."""
+    from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
+    # A copy: transformers keeps and edits the config it is given (attention implementation, dtype).
+    config = copy.deepcopy(hf_config) if hf_config is not None else load_hf_config(model_config)
     dtype = training_dtype(model_config, ds)
     keepalive = HfDeepSpeedConfig(ds.raw) if ds.zero_stage == 3 else None
     attn = attention_implementation(model_config)
     if sequence_parallel_group is not None:
-        attn = register_sequence_parallel(attn, load_hf_config(model_config), sequence_parallel_group,
+        attn = register_sequence_parallel(attn, config, sequence_parallel_group,
                                           document_attention=model_config.document_attention)
     torch.manual_seed(seed)  # the same random init on every rank (from-scratch runs and new rows)
     if model_config.model_name_or_path is not None:
         kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn}
         if model_config.load_in_kbits in (4, 8):
-            # Embeddings and the head stay unquantized: CPT trains them (modules_to_save) and their
-            # quantization error would be paid on every token.
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=model_config.load_in_kbits == 4,
-                load_in_8bit=model_config.load_in_kbits == 8,
-                bnb_4bit_quant_type=model_config.quant_type,
-                bnb_4bit_use_double_quant=model_config.double_quant,
-                bnb_4bit_compute_dtype=dtype,
-                bnb_4bit_quant_storage=dtype,
-                llm_int8_skip_modules=["lm_head", "embed_tokens"],
-            )
-        module = AutoModelForCausalLM.from_pretrained(model_config.model_name_or_path, **kwargs)
+            kwargs["quantization_config"] = _quantization_config(model_config, dtype)
+        module = AutoModelForCausalLM.from_pretrained(model_config.model_name_or_path, config=config, **kwargs)
     else:
-        module = AutoModelForCausalLM.from_config(load_hf_config(model_config), dtype=dtype, attn_implementation=attn)
+        module = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
 
     resized_from = resize_embeddings(module, vocab_size, tokenizer_path=model_config.tokenizer_path,
                                      model_path=model_config.model_name_or_path)
@@ -145,11 +150,30 @@ def build_model(model_config: ModelConfig, ds: DeepSpeedSettings, *, vocab_size:
             # With frozen embeddings the checkpointed blocks would get inputs without grad and skip backward.
             module.enable_input_require_grads()
     module.config.use_cache = False
+    if model_config.tiled_mlp:
+        logger.info("tiled_mlp: %d MLPs run in shards of the sequence (%s)", enable_tiled_mlp(
+            module, shards=model_config.tiled_mlp_shards), model_config.tiled_mlp_shards or "ceil(tokens / hidden_size)")
     if model_config.use_liger_kernel:
         apply_liger_kernels(causal_lm_of(module))
     attach_loss_forward(module, loss_settings(model_config))
     return BuiltModel(module=module, keepalive=keepalive, hf_config=module.config, is_peft=is_peft,
                       resized_from=resized_from)
+
+
+def _quantization_config(model_config: ModelConfig, dtype: torch.dtype) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    # Embeddings and the head stay unquantized: CPT trains them (modules_to_save) and their
+    # quantization error would be paid on every token.
+    return BitsAndBytesConfig(
+        load_in_4bit=model_config.load_in_kbits == 4,
+        load_in_8bit=model_config.load_in_kbits == 8,
+        bnb_4bit_quant_type=model_config.quant_type,
+        bnb_4bit_use_double_quant=model_config.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=dtype,
+        llm_int8_skip_modules=["lm_head", "embed_tokens"],
+    )
 
 
 def resize_embeddings(module: nn.Module, vocab_size: int, *, tokenizer_path: str | Path | None = None,

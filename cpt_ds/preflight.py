@@ -20,6 +20,7 @@ from cpt_ds.ds_config import DeepSpeedSettings, load_deepspeed_config
 from cpt_ds.hardware import slow_cpu_precision_warning
 from cpt_ds.loss import liger_problems
 from cpt_ds.model import dtype_problems, grown_vocabulary_problems, load_hf_config, quantization_problems
+from cpt_ds.tiled_mlp import model_type_problems
 from cpt_ds.token_check import distinct_files, eval_overlap_warnings, same_file_problems, token_id_problems
 from cpt_ds.token_file import IndexedTokenFile, TokenFileError, check_shard_plans, resolve_token_prefixes
 from cpt_ds.tokenizer import TokenizerError, load_tokenizer, tokenizer_fingerprint
@@ -222,14 +223,16 @@ def _model_shape(config: RunConfig, tokenizer: Any, problems: list[str]) -> tupl
                for name in ("model_name_or_path", "config_name")):
         return None, 0
     try:
-        hf_config = load_hf_config(model_cfg)
+        hf_config = load_hf_config(model_cfg, block_size=block_size)
     except (OSError, ValueError) as error:
         problems.append(f"model config: {error}")
         return None, 0
     max_positions = getattr(hf_config, "max_position_embeddings", None)
     if max_positions is not None and block_size > max_positions:
+        # Without a RoPE override a longer window is more likely a mistake than a context extension.
         problems.append(f"block_size {block_size} > the model's max_position_embeddings "
-                        f"{max_positions}; lower block_size")
+                        f"{max_positions}; lower block_size, or extend the context with rope_theta / rope_scaling")
+    problems += model_type_problems(model_cfg.tiled_mlp, hf_config)
     vocab_size = max(hf_config.vocab_size, len(tokenizer) if tokenizer is not None else 0)
     problems += grown_vocabulary_problems(model_cfg, hf_config, vocab_size)
     return hf_config, vocab_size

@@ -1,7 +1,7 @@
 """What a checkpoint must share with the run that resumes it, as pure functions over plain data.
 
-A checkpoint records the run's *fingerprints* (data, blend, split, tokenizer, model shape, training
-mode, ZeRO stage, attention) in its completion marker. Resuming compares them with this run's:
+A checkpoint records the run's *fingerprints* (data, blend, split, tokenizer, model shape and RoPE,
+training mode, ZeRO stage, attention) in its completion marker. Resuming compares them with this run's:
 
 - ``compatibility_problems(saved, current)`` lists what changed and makes the checkpoint unusable
   (the trainer refuses it with ``incompatible``'s one sentence);
@@ -23,11 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from cpt_ds.checkpoint import CheckpointError
+from cpt_ds.rope import rope_changes, rope_fingerprint
 
 # Config keys that define the model's shape; any change makes a checkpoint unusable.
 SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
               "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
               "tie_word_embeddings")
+
+ROPE_KEY = "rope_parameters"
 
 # Run-config fields that say how to launch, not what to train: changing them at resume is expected.
 LAUNCH_ONLY_KEYS = frozenset({"resume_from_checkpoint", "stop_at_step", "save_fault_delay_seconds", "max_wall_minutes",
@@ -49,6 +52,8 @@ def model_shape(hf_config: Any, vocab_size: int) -> dict[str, Any]:
     """The shape-defining fields of a Hugging Face config, with the run's (possibly grown) vocabulary."""
     shape = {key: getattr(hf_config, key, None) for key in SHAPE_KEYS}
     shape["vocab_size"] = vocab_size
+    # The RoPE it was trained with (the run's rope_theta / rope_scaling applied): compared on its own.
+    shape[ROPE_KEY] = rope_fingerprint(hf_config)
     return shape
 
 
@@ -91,9 +96,15 @@ def compatibility_problems(saved: dict[str, Any], current: dict[str, Any]) -> li
         changed.append("the train/validation split (validation_split_percentage, seed or eval_data_path)")
     if saved["tokenizer"] != current["tokenizer"]:
         changed.append(f"tokenizer (fingerprint {saved['tokenizer'][:12]} -> {current['tokenizer'][:12]})")
-    if saved["model_shape"] != current["model_shape"]:
-        diffs = [f"{key} {saved['model_shape'].get(key)} -> {value}" for key, value in current["model_shape"].items()
-                 if saved["model_shape"].get(key) != value]
+    saved_shape, current_shape = dict(saved["model_shape"]), dict(current["model_shape"])
+    # Checkpoints from before the RoPE record were trained before a run could override it: not compared.
+    saved_rope, current_rope = saved_shape.pop(ROPE_KEY, None), current_shape.pop(ROPE_KEY, None)
+    if saved_rope is not None and saved_rope != current_rope:
+        changed.append(f"RoPE ({rope_changes(saved_rope, current_rope or {})}); resume with the rope_theta / "
+                       "rope_scaling the checkpoint was trained with")
+    if saved_shape != current_shape:
+        diffs = [f"{key} {saved_shape.get(key)} -> {value}" for key, value in current_shape.items()
+                 if saved_shape.get(key) != value]
         changed.append("model shape (" + ", ".join(diffs) + ")")
     if saved["adapter"] != current["adapter"]:
         changed.append(f"training mode ({saved['adapter']} -> {current['adapter']})")

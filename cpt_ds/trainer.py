@@ -172,10 +172,11 @@ class Trainer:
 
     def _build_engine(self) -> None:
         # DeepSpeed's sequence-parallel state doubles as the "mpu" that tells ZeRO which ranks hold
-        # the same sample (gradients summed over all ranks, divided by the data-parallel size).
+        # the same sample.
         groups = sequence_parallel_groups(self.layout.sp_size) if self.layout.sp_size > 1 else None
         self.built: BuiltModel = build_model(
             self.config.model, self.ds, vocab_size=self.plan.vocab_size, seed=self.config.train.seed,
+            hf_config=self.plan.hf_config,
             sequence_parallel_group=groups.get_sequence_parallel_group() if groups else None)
         self.attention_implementation = module_attention_implementation(self.built.module)
         self.num_parameters, self.num_trainable = count_parameters(self.built.module)
