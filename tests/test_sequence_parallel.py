@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DRIVERS, eval_records, launch, lora_config, metrics, run_config, train, write_config
+from conftest import DRIVERS, REPO, eval_records, launch, lora_config, metrics, run_config, train, write_config
 from cpt_ds.config import ConfigError, RunConfig
 from cpt_ds.toy import python_corpus_texts
 
@@ -48,7 +48,8 @@ def sp_config(make, assets, short_documents: Path, out: Path, **overrides):
     """A blend of short documents and the manual, two named eval sets, eval and save every 2 steps."""
     config = make(assets, out, data_path=["0.6", str(short_documents), "0.4", str(assets.corpus)],
                   eval_data_path=[f"short={short_documents}", f"manual={assets.corpus_b}"], max_eval_samples=6,
-                  block_size=BLOCK, max_steps=4, eval_steps=2, save_steps=2, deepspeed=str(assets.ds["zero2_ga2"]))
+                  block_size=BLOCK, max_steps=4, eval_steps=2, save_steps=2, deepspeed=str(assets.ds["zero2_ga2"]),
+                  per_device_eval_batch_size=3)  # eval shards of another batch size than training's
     config.pop("validation_split_percentage")
     config.update(overrides)
     return config
@@ -79,8 +80,8 @@ def zero2_runs(assets, short_documents, tmp_path_factory) -> dict[str, Path]:
     """ZeRO-2 full finetuning: sequence_parallel_size 2 on 2 ranks and 1 on 1 rank, same global batch."""
     root = tmp_path_factory.mktemp("sp_zero2")
     runs = {"sp2": root / "sp2" / "out", "sp1": root / "sp1" / "out"}
-    done = train(sp_config(run_config, assets, short_documents, runs["sp2"], sequence_parallel_size=2),
-                 workdir=root / "sp2").check()
+    done = train(sp_config(run_config, assets, short_documents, runs["sp2"], sequence_parallel_size=2,
+                           export_final=True), workdir=root / "sp2").check()
     assert "sequence parallel 2 (32 tokens of each sample per rank)" in done.output
     assert "attention cpt_ulysses" in done.output
     train(sp_config(run_config, assets, short_documents, runs["sp1"]), workdir=root / "sp1", ranks=1).check()
@@ -117,11 +118,25 @@ def test_sequence_parallel_matches_one_rank_zero3_lora_checkpointing(assets, sho
     assert_same_run(runs["sp2"], runs["sp1"])
 
 
-def test_gradients_of_one_step_match_one_rank(assets, short_documents, tmp_path):
+@pytest.mark.parametrize("document_attention", [True, False], ids=["documents", "whole-window"])
+def test_qlora_matches_one_rank(assets, short_documents, tmp_path):
+    """4-bit base weights (bitsandbytes) under the Ulysses all-to-all: the adapters train the same."""
+    runs = {}
+    for name, sp_size, ranks in (("sp2", 2, 2), ("sp1", 1, 1)):
+        runs[name] = tmp_path / name / "out"
+        config = sp_config(lora_config, assets, short_documents, runs[name], sequence_parallel_size=sp_size,
+                           load_in_kbits=4, lora_dropout=0.0)
+        train(config, workdir=tmp_path / name, ranks=ranks).check()
+    assert_same_run(runs["sp2"], runs["sp1"])
+
+
+def test_gradients_of_one_step_match_one_rank(assets, short_documents, tmp_path, document_attention):
+    """Also with attention across documents: the shard's positions then continue the window's count."""
     reports = {}
     for name, sp_size, ranks in (("sp2", 2, 2), ("sp1", 1, 1)):
         reports[name] = tmp_path / f"{name}.pt"
-        config = sp_config(run_config, assets, short_documents, tmp_path / name / "out", sequence_parallel_size=sp_size)
+        config = sp_config(run_config, assets, short_documents, tmp_path / name / "out", sequence_parallel_size=sp_size,
+                           document_attention=document_attention)
         path = write_config(config, tmp_path / name / "run.json")
         launch(["--config", str(path), "--report", str(reports[name])], workdir=tmp_path / name, ranks=ranks,
                script=DRIVERS / "sp_gradients.py").check()
@@ -132,6 +147,20 @@ def test_gradients_of_one_step_match_one_rank(assets, short_documents, tmp_path)
         scale = float(expected.abs().max())
         assert scale > 0, name
         torch.testing.assert_close(sp2["gradients"][name], expected, rtol=1e-5, atol=1e-6 * scale, msg=name)
+
+
+def test_evaluate_splits_long_samples_like_training(assets, short_documents, zero2_runs, tmp_path):
+    """tools/evaluate.py with --sequence_parallel_size 2 on 2 ranks reproduces the run's last eval per set."""
+    result = tmp_path / "eval.json"
+    launch(["--model", str(zero2_runs["sp2"] / "final"), "--data", f"short={short_documents}", "--data",
+            f"manual={assets.corpus_b}", "--block_size", str(BLOCK), "--max_samples", "6", "--batch_size", "2",
+            "--sequence_parallel_size", "2", "--output", str(result)], workdir=tmp_path, ranks=2,
+           script=REPO / "tools" / "evaluate.py").check()
+    found, last = json.loads(result.read_text()), eval_records(zero2_runs["sp2"])[-1]
+    assert (found["ranks"], found["sequence_parallel_size"]) == (2, 2)
+    for name in ("short", "manual"):
+        assert found["sets"][name]["eval_tokens"] == last["sets"][name]["eval_tokens"]
+        assert found["sets"][name]["eval_loss"] == pytest.approx(last["sets"][name]["eval_loss"], rel=1e-5)
 
 
 @pytest.mark.parametrize("source, target", [("sp2", "sp1"), ("sp1", "sp2")])

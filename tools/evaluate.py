@@ -2,6 +2,8 @@
 
     python tools/evaluate.py --model DIR --data [NAME=]PREFIX [--data [NAME=]PREFIX ...] [--block_size 1024]
     deepspeed --num_gpus 8 tools/evaluate.py --model DIR --data zh=data/zh_valid --data en=data/en_valid
+    deepspeed --num_gpus 4 tools/evaluate.py --model DIR --data long=data/books --block_size 65536 \
+        --sequence_parallel_size 4
 
 Each ``--data`` is one set (named like train.py names eval_data_path sets); one row per set and the
 token-weighted total. ``--max_samples`` applies to each set.
@@ -9,7 +11,8 @@ token-weighted total. ``--max_samples`` applies to each set.
 Uses the training code's samples, document attention, chunked loss and distributed metrics
 (all-reduced sums, never gathered logits), so on the same samples it reproduces the eval_loss that
 train.py logged. ``--model`` may be a full model folder or a peft adapter folder (its base model is
-loaded from the adapter's config).
+loaded from the adapter's config). ``--sequence_parallel_size N`` splits each sample over groups of N
+ranks as train.py does (docs/long_context.md), so a sample too long for one device is evaluated.
 
 Before any forward every id a sample reads is checked against the model's embedding rows: a file
 with ids outside the vocabulary (packed with another tokenizer, or corrupt) is one error naming the
@@ -29,14 +32,25 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from cpt_ds.attention import attention_implementation  # noqa: E402
+from cpt_ds.attention import (  # noqa: E402
+    attention_implementation,
+    register_sequence_parallel,
+    sequence_parallel_problems,
+)
 from cpt_ds.checkpoint import CheckpointError  # noqa: E402
 from cpt_ds.cli import UsageError, add_debug_flag, run_tool  # noqa: E402
 from cpt_ds.config import ModelConfig  # noqa: E402
 from cpt_ds.data.blend import parse_named_paths  # noqa: E402
 from cpt_ds.data.loader import eval_batches  # noqa: E402
 from cpt_ds.data.windows import PackedSamples, TokenStream  # noqa: E402
-from cpt_ds.distributed import device, exit_process, init_distributed, setup_logging  # noqa: E402
+from cpt_ds.distributed import (  # noqa: E402
+    Layout,
+    device,
+    exit_process,
+    init_distributed,
+    sequence_parallel_groups,
+    setup_logging,
+)
 from cpt_ds.export import exported_document_attention, load_exported_model  # noqa: E402
 from cpt_ds.loss import LossSettings, attach_loss_forward  # noqa: E402
 from cpt_ds.metrics import evaluate_sets, total_metrics  # noqa: E402
@@ -63,13 +77,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "with (cpt_ds_export.json), else true")
     parser.add_argument("--loss_chunk_size", type=int, default=1024,
                         help="tokens per chunk of the head + loss (0 = full logits)")
+    parser.add_argument("--sequence_parallel_size", type=int, default=1,
+                        help="ranks sharing each sample (Ulysses, as in training); must divide the number of ranks")
     parser.add_argument("--output", help="also write the result as JSON here")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     if args.loss_chunk_size < 0:
         parser.error(f"--loss_chunk_size must be >= 0, got {args.loss_chunk_size}")
-    for name in ("block_size", "batch_size", "max_samples"):
+    for name in ("block_size", "batch_size", "max_samples", "sequence_parallel_size"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             parser.error(f"--{name} must be positive, got {value}")
@@ -137,6 +153,21 @@ def load_samples(args: argparse.Namespace, folder: Path) -> dict[str, PackedSamp
     return samples
 
 
+def split_sequences(model, args: argparse.Namespace, layout: Layout, implementation: str,
+                    document_attention: bool) -> None:
+    """Switch the model to Ulysses attention over groups of ``--sequence_parallel_size`` ranks."""
+    problems = sequence_parallel_problems(layout.sp_size, model.config)
+    if layout.world_size % layout.sp_size:
+        problems.append(f"--sequence_parallel_size {layout.sp_size} does not divide the {layout.world_size} ranks")
+    if args.block_size % layout.sp_size:
+        problems.append(f"--block_size {args.block_size} is not divisible by --sequence_parallel_size {layout.sp_size}")
+    if problems:
+        raise UsageError("; ".join(problems))
+    group = sequence_parallel_groups(layout.sp_size).get_sequence_parallel_group()
+    model.set_attn_implementation(register_sequence_parallel(implementation, model.config, group,
+                                                             document_attention=document_attention))
+
+
 def evaluate(args: argparse.Namespace) -> None:
     folder = Path(args.model)
     samples = load_samples(args, folder)
@@ -152,16 +183,21 @@ def evaluate(args: argparse.Namespace) -> None:
     for part in samples.values():
         check_ids(part.stream.files[0], rows)  # the training preflight's check: sha256 and ids, cached per machine
     rank, world_size, _ = init_distributed()
+    layout = Layout(rank, world_size, args.sequence_parallel_size)
+    if layout.sp_size > 1:
+        split_sequences(model, args, layout, implementation, document_attention)
     model = model.to(device())
     attach_loss_forward(model, LossSettings(chunk_size=args.loss_chunk_size))
-    per_set = evaluate_sets(model, {name: eval_batches(part, micro_batch_size=args.batch_size, dp_rank=rank,
-                                                       dp_world_size=world_size) for name, part in samples.items()},
+    per_set = evaluate_sets(model, {name: eval_batches(part, micro_batch_size=args.batch_size, dp_rank=layout.dp_rank,
+                                                       dp_world_size=layout.dp_size, sp_rank=layout.sp_rank,
+                                                       sp_size=layout.sp_size) for name, part in samples.items()},
                             document_attention=document_attention)
     result = total_metrics(per_set.values())
     record = {"model": str(folder), "data": args.data, "block_size": args.block_size,
               "samples": sum(len(part) for part in samples.values()),
               "eval_loss": result.loss, "eval_accuracy": result.accuracy, "perplexity": result.perplexity,
-              "eval_tokens": result.tokens, "ranks": world_size, "document_attention": document_attention,
+              "eval_tokens": result.tokens, "ranks": world_size, "sequence_parallel_size": layout.sp_size,
+              "document_attention": document_attention,
               "sets": {name: {"eval_loss": m.loss, "eval_accuracy": m.accuracy, "perplexity": m.perplexity,
                               "eval_tokens": m.tokens, "samples": len(samples[name])} for name, m in per_set.items()}}
     if rank == 0:
