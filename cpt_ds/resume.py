@@ -18,11 +18,14 @@ load fails on mismatched partitions.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cpt_ds.checkpoint import CheckpointError
+
+logger = logging.getLogger(__name__)
 from cpt_ds.rope import rope_changes, rope_fingerprint
 
 # Config keys that define the model's shape; any change makes a checkpoint unusable.
@@ -173,6 +176,15 @@ def plan_resume(checkpoint: Path, marker: dict[str, Any], *, world_size: int, ze
     return ResumePlan(checkpoint=checkpoint, load_path=universal_path if universal else checkpoint,
                       universal=universal, saved_world_size=marker["world_size"],
                       consumed_samples=marker["consumed_samples"])
+
+
+def log_layout_change(state: dict[str, Any], sp_size: int) -> None:
+    """One line when the checkpoint's client ``state`` was trained with another sequence_parallel_size
+    (allowed: the samples per step and the data position do not depend on it)."""
+    saved = int(state.get("sequence_parallel_size", 1))
+    if saved != sp_size:
+        logger.info("the checkpoint was trained with sequence_parallel_size %d, this run uses %d (each sample's "
+                    "tokens on %d rank(s)); the data position continues", saved, sp_size, sp_size)
 
 
 def prepare_deepspeed_config(plan: ResumePlan, ds_raw: dict[str, Any]) -> None:

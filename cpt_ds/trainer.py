@@ -76,6 +76,10 @@ class NonFiniteGradientError(DivergedError):
     """The gradients overflowed in fp32/bf16, where DeepSpeed would otherwise skip the update silently."""
 
 
+_DIVERGED_ADVICE = ("training stopped before the optimizer step and before any save. Lower learning_rate, enable "
+                   "gradient_clipping in the DeepSpeed JSON, check the data, or resume from the last checkpoint in {}")
+
+
 class Trainer:
     """Set up (data, resume plan, engine), resume, ``train()`` step by step, export; ``close()`` at the end."""
 
@@ -93,8 +97,8 @@ class Trainer:
                                          fault_delay_seconds=config.train.save_fault_delay_seconds)
         self.stopper = Stopper(config.train.max_wall_minutes, save_durations=self.checkpointer.save_durations,
                                rank=self.rank)
-        self.data = self._build_data()
-        self.total_steps = self._total_steps()
+        self.data = build_data(config, self.plan, global_batch_size=self.global_batch_size)
+        self.total_steps = total_steps_of(config, len(self.data.samples), self.global_batch_size)
         self.warmup_steps = warmup_steps_for(config.optim, self.total_steps)
         check_schedule(config.optim, self.total_steps)
         self.fingerprints = self._fingerprints()
@@ -124,26 +128,10 @@ class Trainer:
 
     # ---- setup -----------------------------------------------------------------------------------
 
-    def _build_data(self) -> RunData:
-        data = self.config.data
-        try:
-            return build_run_data(
-                self.plan.train_components, self.plan.eval_sets, block_size=data.block_size,
-                validation_split_percentage=data.validation_split_percentage,
-                max_train_samples=data.max_train_samples, max_eval_samples=data.max_eval_samples,
-                seed=self.config.train.seed, phases=data.phase_blends(), global_batch_size=self.global_batch_size)
-        except DataError as error:
-            raise ConfigError(str(error)) from None
-
     @property
     def global_batch_size(self) -> int:
         """Samples per optimizer step: a sequence-parallel group trains one sample per micro-batch slot."""
         return self.ds.micro_batch_size * self.ds.gradient_accumulation_steps * self.layout.dp_size
-
-    def _total_steps(self) -> int:
-        if self.config.train.max_steps > 0:
-            return self.config.train.max_steps
-        return max(1, math.ceil(self.config.train.num_train_epochs * len(self.data.samples) / self.global_batch_size))
 
     def _fingerprints(self) -> dict[str, Any]:
         return run_fingerprints(self.config, self.plan, self.data, total_steps=self.total_steps,
@@ -196,11 +184,7 @@ class Trainer:
         changes = resume.config_changes(state["config"], self.config.to_flat())
         if changes and self.rank == 0:
             logger.warning("run config changed since the checkpoint (applied from now on): %s", "; ".join(changes))
-        saved_sp_size = int(state.get("sequence_parallel_size", 1))
-        if saved_sp_size != self.layout.sp_size:
-            logger.info("the checkpoint was trained with sequence_parallel_size %d, this run uses %d (each "
-                        "sample's tokens on %d rank(s)); the data position continues", saved_sp_size,
-                        self.layout.sp_size, self.layout.sp_size)
+        resume.log_layout_change(state, self.layout.sp_size)
         self.reporter.metrics.truncate_after(self.step)
         campaign.record_branch(self.reporter.metrics, plan.checkpoint, self.output_dir, self.step)
         logger.info("resumed at step %d, consumed_samples %d (epochs %s) from %s", self.step,
@@ -259,10 +243,8 @@ class Trainer:
         # Under fp16 a skipped step is how loss scaling works; in fp32/bf16 it means the run diverged,
         # and carrying on would report success for a model that stopped learning.
         if not self.engine.was_step_applied() and self.ds.precision != "fp16":
-            raise NonFiniteGradientError(
-                f"non-finite gradient at step {self.step + 1} (grad norm {norm}); DeepSpeed skipped the update and "
-                "training stopped before any save. Lower learning_rate, enable gradient_clipping in the DeepSpeed "
-                f"JSON, check the data, or resume from the last checkpoint in {self.output_dir}")
+            raise NonFiniteGradientError(f"non-finite gradient at step {self.step + 1} (grad norm {norm}); DeepSpeed "
+                                         f"skipped the update and {_DIVERGED_ADVICE.format(self.output_dir)}")
         return total, (float(norm) if norm is not None else None)
 
     def accumulate_gradients(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
@@ -290,10 +272,8 @@ class Trainer:
                 self.engine.step()  # DeepSpeed counts micro-steps; no optimizer step before the boundary
         total = all_reduce_stats(stats)
         if int(total[num_corpora, 0]) > 0:
-            raise NonFiniteLossError(
-                f"non-finite loss at step {self.step + 1} in {int(total[num_corpora, 0])} micro-batch(es) across ranks; "
-                "stopped before the optimizer step and before any save. Lower learning_rate, check the data, "
-                f"or resume from the last checkpoint in {self.output_dir}")
+            raise NonFiniteLossError(f"non-finite loss at step {self.step + 1} in {int(total[num_corpora, 0])} "
+                                     f"micro-batch(es) across ranks; {_DIVERGED_ADVICE.format(self.output_dir)}")
         return total[:num_corpora]
 
     def forward(self, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> LossOutput:
@@ -348,6 +328,26 @@ class Trainer:
         # Tear the process group down here rather than during interpreter exit, where the order in
         # which gloo's threads and buffers go away is not defined (seen: a rank aborting after success).
         destroy_process_group()
+
+
+def total_steps_of(config: RunConfig, num_samples: int, global_batch_size: int) -> int:
+    """``max_steps``, or the steps of ``num_train_epochs`` over the training samples."""
+    if config.train.max_steps > 0:
+        return config.train.max_steps
+    return max(1, math.ceil(config.train.num_train_epochs * num_samples / global_batch_size))
+
+
+def build_data(config: RunConfig, plan: Plan, *, global_batch_size: int) -> RunData:
+    """The run's training components and eval sets (a data problem is a configuration error)."""
+    data = config.data
+    try:
+        return build_run_data(
+            plan.train_components, plan.eval_sets, block_size=data.block_size,
+            validation_split_percentage=data.validation_split_percentage,
+            max_train_samples=data.max_train_samples, max_eval_samples=data.max_eval_samples,
+            seed=config.train.seed, phases=data.phase_blends(), global_batch_size=global_batch_size)
+    except DataError as error:
+        raise ConfigError(str(error)) from None
 
 
 def run_fingerprints(config: RunConfig, plan: Plan, data: RunData, *, total_steps: int,

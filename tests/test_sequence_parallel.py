@@ -118,7 +118,6 @@ def test_sequence_parallel_matches_one_rank_zero3_lora_checkpointing(assets, sho
     assert_same_run(runs["sp2"], runs["sp1"])
 
 
-@pytest.mark.parametrize("document_attention", [True, False], ids=["documents", "whole-window"])
 def test_qlora_matches_one_rank(assets, short_documents, tmp_path):
     """4-bit base weights (bitsandbytes) under the Ulysses all-to-all: the adapters train the same."""
     runs = {}
@@ -130,6 +129,7 @@ def test_qlora_matches_one_rank(assets, short_documents, tmp_path):
     assert_same_run(runs["sp2"], runs["sp1"])
 
 
+@pytest.mark.parametrize("document_attention", [True, False], ids=["documents", "whole-window"])
 def test_gradients_of_one_step_match_one_rank(assets, short_documents, tmp_path, document_attention):
     """Also with attention across documents: the shard's positions then continue the window's count."""
     reports = {}
