@@ -122,8 +122,8 @@ class Assets:
 class Run:
     peak_rss_mib: float
     """The larger of the two ranks' peaks."""
-    tokens_per_second_per_rank: float | None
-    """None for the one-step launches of the budget search."""
+    tokens_per_second_per_rank: float
+    """Global tokens/s of the steps after the first / the 2 ranks."""
     launch_seconds: float
 
 
@@ -199,7 +199,7 @@ def check_layout(log: Path, layout: Layout) -> None:
 
 
 def train(assets: Assets, layout: Layout, block: int, max_steps: int, work: Path) -> Run:
-    """One launch of train.py; its checkpoint (~0.8 GB) is deleted at once."""
+    """One launch of train.py; its final checkpoint (hundreds of MB) is deleted at once."""
     if block > assets.max_block:
         raise BenchmarkError(f"block {block} is past the token file's {assets.max_block}; raise --blocks' largest")
     label = f"{layout.name.replace('+', '_')}_{block}_{max_steps}steps"
@@ -209,15 +209,13 @@ def train(assets: Assets, layout: Layout, block: int, max_steps: int, work: Path
     launched = launch(label, REPO / "train.py", ["--config", str(config)], work, num_ranks=NUM_RANKS,
                       peak_rss=True, timeout=3600)
     check_layout(work / f"{label}.log", layout)
-    rate = None
-    if max_steps > 1:
-        tokens_per_step = block * NUM_RANKS // layout.sp_size  # one sample per data-parallel replica
-        rate = step_rate(work / label / "metrics.jsonl", tokens_per_step, max_steps) / NUM_RANKS
+    tokens_per_step = block * NUM_RANKS // layout.sp_size  # one sample per data-parallel replica
+    rate = step_rate(work / label / "metrics.jsonl", tokens_per_step, max_steps) / NUM_RANKS
     for checkpoint in (work / label).glob("step-*"):
         shutil.rmtree(checkpoint)
     peak = max(launched.peak_rss_mib)
-    print(f"{time.strftime('%H:%M:%S')} done  {layout.name} block {block:,}: peak RSS {peak:,.0f} MiB per rank"
-          + (f", {rate:,.0f} tokens/s per rank" if rate is not None else ""), flush=True)
+    print(f"{time.strftime('%H:%M:%S')} done  {layout.name} block {block:,}: peak RSS {peak:,.0f} MiB per rank, "
+          f"{rate:,.0f} tokens/s per rank", flush=True)
     return Run(peak, rate, launched.seconds)
 
 
