@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU check of document attention and the loss, ready to run on one H100/H200 (at most ~8 minutes).
+# One GPU check of document attention, the loss and long blocks, ready to run on one H100/H200 (~8 minutes).
 #
 #     bash benchmarks/gpu_check.sh            # from the repository root
 #
@@ -16,13 +16,21 @@
 # (a) document attention, flex and SDPA (and flash varlen with flash-attn) vs documents run alone, bf16;
 # (b) chunked loss vs full logits, Liger vs chunked, bf16 (benchmarks/gpu_check.py);
 # (c) benchmarks/gpu_mfu.py for 40 steps: tokens/s per GPU, MFU and peak memory with the chunked loss
-#     and document attention (the defaults), without the chunked loss, and without document attention.
+#     and document attention (the defaults), without the chunked loss, and without document attention;
+# (d) long blocks on one GPU: gpu_mfu.py at seq 8,192 and 32,768 (micro-batch 1, 4 documents per window,
+#     document attention through the CUDA path: flash-attn 2 varlen when installed, else flex_attention;
+#     gradient checkpointing at 32K), $GPU_CHECK_LONG_STEPS steps each: tokens/s, MFU, peak memory. A block
+#     that runs out of GPU memory is skipped with one line; the rest of the check goes on.
+# Sequence parallelism on 2 GPUs (not run here):
+#     python benchmarks/gpu_mfu.py --num_gpus 2 --sequence_parallel_size 2 --seq 32768 --micro_batch 1 \
+#         --document_length 8192 --steps 6 --warmup 2
 # Every table is also written to gpu_check_results/ ; CI never runs this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=benchmarks/wheels
 OUT=${GPU_CHECK_OUT:-gpu_check_results}
 STEPS=${GPU_CHECK_STEPS:-40}
+LONG_STEPS=${GPU_CHECK_LONG_STEPS:-5}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export DS_BUILD_OPS=0
@@ -69,6 +77,30 @@ if python -c "import liger_kernel" 2>/dev/null; then
   echo "(use_liger_kernel is a run-config field; gpu_mfu.py runs the chunked loss)"
 fi
 
+echo "== (d) long blocks on one GPU, $LONG_STEPS steps each (micro-batch 1, 4 documents per window)"
+long_args=()
+if python -c "import flash_attn" 2>/dev/null; then
+  long_args=(--flash)  # flash-attn 2 varlen; without it document attention runs through flex_attention
+fi
+run_long() {
+  local seq=$1; shift
+  local code=0
+  # Short: the first steps include flex_attention's compilation; the window is the last $((LONG_STEPS - 2)).
+  { python benchmarks/gpu_mfu.py --num_gpus 1 --steps "$LONG_STEPS" --warmup 2 --micro_batch 1 --seq "$seq" \
+      --document_length $((seq / 4)) --timeout 240 ${long_args[@]+"${long_args[@]}"} "$@" 2>&1 | tee "$OUT/long_$seq.md"; } || code=$?
+  if [ "$code" -eq 3 ]; then
+    echo "long block $seq: skipped (out of GPU memory; see $OUT/long_$seq.md)" | tee -a "$OUT/long_$seq.md"
+  elif [ "$code" -ne 0 ]; then
+    status=1
+  fi
+}
+run_long 8192
+run_long 32768 --gradient_checkpointing
+
 echo "== summary (also in $OUT/)"
-grep -h -E "^\| (tokens/s per GPU|MFU, cpt-ds|peak memory per GPU)" "$OUT"/mfu_*.md || true
+for file in "$OUT"/mfu_*.md "$OUT"/long_*.md; do
+  [ -f "$file" ] || continue
+  echo "-- $(basename "$file" .md)"
+  grep -h -E "^\| (tokens/s per GPU|MFU, |peak memory per GPU)|^long block .*skipped" "$file" || true
+done
 exit $status

@@ -129,7 +129,13 @@ class Options:
     loss_chunk_size: int = 1024
     document_attention: bool = True
     document_length: int = 8192
+    sequence_parallel_size: int = 1
     seed: int = 1234
+
+    @property
+    def global_samples(self) -> int:
+        """Samples per optimizer step: a sequence-parallel group of GPUs trains one sample per micro-step."""
+        return self.micro_batch * self.gradient_accumulation * (self.num_gpus // self.sequence_parallel_size)
 
 
 def write_tokenizer(folder: Path) -> Path:
@@ -172,9 +178,8 @@ def build_inputs(work: Path, options: Options) -> tuple[dict[str, Any], Path]:
     model_dir.mkdir(parents=True)
     (model_dir / "config.json").write_text(json.dumps(shape, indent=2) + "\n")
     tokenizer = write_tokenizer(work / "tokenizer")
-    global_samples = options.micro_batch * options.gradient_accumulation * options.num_gpus
     # Every step reads fresh windows (no epoch wrap); +1: a window is seq + 1 tokens.
-    num_tokens = options.steps * global_samples * options.seq + 1
+    num_tokens = options.steps * max(1, options.global_samples) * options.seq + 1
     prefix = write_random_tokens(work / "data" / "random", tokenizer, num_tokens=num_tokens,
                                  vocab_size=shape["vocab_size"], seed=options.seed, document=options.document_length)
     run_config = {
@@ -185,6 +190,7 @@ def build_inputs(work: Path, options: Options) -> tuple[dict[str, Any], Path]:
         "loss_chunk_size": options.loss_chunk_size,
         "document_attention": options.document_attention,
         "gradient_checkpointing": options.gradient_checkpointing,
+        "sequence_parallel_size": options.sequence_parallel_size,
         "data_path": [str(prefix)],
         "validation_split_percentage": 0.0,
         "block_size": options.seq,
@@ -221,6 +227,10 @@ def preflight_check(config_path: Path, num_gpus: int) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+class OutOfMemory(BenchmarkError):
+    """train.py ran out of GPU memory: a result for this shape (gpu_check.sh skips it), not a broken run."""
+
+
 def launch_command(config_path: Path, num_gpus: int, port: int) -> list[str]:
     return deepspeed_command(REPO / "train.py", ["--config", str(config_path)], master_port=port, num_gpus=num_gpus)
 
@@ -245,7 +255,11 @@ def run_training(command: list[str], log: Path, timeout: float) -> None:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
     if process.returncode != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+        text = log.read_text(errors="replace")
+        if "CUDA out of memory" in text or "OutOfMemoryError" in text:
+            raise OutOfMemory(f"train.py ran out of GPU memory (see {log}); lower --seq or --micro_batch, or add "
+                              "--gradient_checkpointing")
+        tail = "\n".join(text.splitlines()[-30:])
         raise BenchmarkError(f"train.py failed with exit {process.returncode}; last lines of {log}:\n{tail}")
 
 
@@ -266,7 +280,7 @@ def read_window(metrics_file: Path, options: Options) -> Measured:
     if len(steps) != options.steps - options.warmup:
         raise BenchmarkError(f"{metrics_file} has {len(steps)} step records after step {options.warmup}, "
                              f"expected {options.steps - options.warmup}")
-    tokens_per_step = options.micro_batch * options.gradient_accumulation * options.num_gpus * options.seq
+    tokens_per_step = options.global_samples * options.seq
     seconds = [tokens_per_step / record["tokens_per_second"] for record in steps]
     total = sum(seconds)
     mfus = [record["mfu"] for record in steps]
@@ -297,6 +311,8 @@ def parse_args(argv: list[str] | None) -> tuple[Options, bool, Path | None, floa
     parser.add_argument("--document_length", type=int, default=8192,
                         help="tokens per document of the random-id file (shorter than --seq: several per window)")
     parser.add_argument("--num_gpus", type=int, help="GPUs to use (default: all visible)")
+    parser.add_argument("--sequence_parallel_size", type=int, default=1,
+                        help="GPUs sharing each sample (Ulysses); must divide the GPU count")
     parser.add_argument("--peak_tflops", type=float,
                         help="per-GPU dense bf16 peak TFLOP/s, when the engine's table lacks the GPU")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds before the run is killed")
@@ -306,6 +322,8 @@ def parse_args(argv: list[str] | None) -> tuple[Options, bool, Path | None, floa
     args = parser.parse_args(argv)
     problems = [f"--{name} must be positive" for name in ("steps", "micro_batch", "gradient_accumulation", "seq")
                 if getattr(args, name) < 1]
+    if args.sequence_parallel_size < 1:
+        problems.append(f"--sequence_parallel_size must be positive, got {args.sequence_parallel_size}")
     if args.document_length < 1:
         problems.append(f"--document_length must be positive, got {args.document_length}")
     if args.loss_chunk_size < 0:
@@ -319,7 +337,7 @@ def parse_args(argv: list[str] | None) -> tuple[Options, bool, Path | None, floa
                       gradient_checkpointing=args.gradient_checkpointing, flash=args.flash, untied=args.untied,
                       num_gpus=args.num_gpus or 0, peak_tflops=args.peak_tflops,
                       loss_chunk_size=args.loss_chunk_size, document_attention=args.document_attention == "true",
-                      document_length=args.document_length)
+                      document_length=args.document_length, sequence_parallel_size=args.sequence_parallel_size)
     return options, args.dry_run, args.workdir, args.timeout
 
 
@@ -336,6 +354,9 @@ def check_machine(options: Options) -> Options:
     num_gpus = options.num_gpus or visible
     if num_gpus > visible:
         raise BenchmarkError(f"--num_gpus {num_gpus} but only {visible} GPU(s) are visible")
+    if num_gpus % options.sequence_parallel_size:
+        raise BenchmarkError(f"--sequence_parallel_size {options.sequence_parallel_size} must divide the GPU count "
+                             f"{num_gpus}; pass --num_gpus as a multiple of it")
     if options.flash and importlib.util.find_spec("flash_attn") is None:
         raise BenchmarkError("--flash needs flash-attn: pip install 'cpt-ds[flash]' (or drop --flash for SDPA)")
     if peak_tflops(options.peak_tflops) is None:
@@ -360,7 +381,7 @@ def run(options: Options, work: Path, dry_run: bool, timeout: float) -> int:
     if not dry_run:
         options = check_machine(options)
     elif options.num_gpus == 0:
-        options = dataclasses.replace(options, num_gpus=1)
+        options = dataclasses.replace(options, num_gpus=options.sequence_parallel_size)
     print(f"[1/3] inputs in {work}", flush=True)
     shape, config_path = build_inputs(work, options)
     math_ = model_math(shape, options.seq)
@@ -380,12 +401,16 @@ def run(options: Options, work: Path, dry_run: bool, timeout: float) -> int:
     assert peak is not None  # check_machine refused this case
     print(f"[2/3] training {options.steps} steps on {options.num_gpus} x {gpu} (ZeRO-2 bf16, micro-batch "
           f"{options.micro_batch} x seq {options.seq}, accumulation {options.gradient_accumulation}, "
-          f"{'flash-attn 2' if options.flash else 'SDPA / flex'}, gradient checkpointing "
+          f"{'flash-attn 2' if options.flash else 'SDPA / flex'}, sequence parallel {options.sequence_parallel_size}, "
+          f"gradient checkpointing "
           f"{'on' if options.gradient_checkpointing else 'off'}, loss chunk {options.loss_chunk_size or 'off (full logits)'}, "
           f"document attention {'on' if options.document_attention else 'off'})", flush=True)
     run_training(command, work / "train.log", timeout)
+    print_results(read_window(work / "run" / "metrics.jsonl", options), shape, math_, options, peak)
+    return 0
 
-    measured = read_window(work / "run" / "metrics.jsonl", options)
+
+def print_results(measured: Measured, shape: dict[str, Any], math_: ModelMath, options: Options, peak: float) -> None:
     per_gpu = measured.tokens_per_second / options.num_gpus
     mfu_engine = per_gpu * math_.flops_per_token / (peak * 1e12)
     print(f"[3/3] steps {options.warmup + 1}-{options.steps} ({measured.seconds:.1f} s), "
@@ -395,6 +420,12 @@ def run(options: Options, work: Path, dry_run: bool, timeout: float) -> int:
     print(f"| tokens/s, all {options.num_gpus} GPU(s) | {measured.tokens_per_second:,.0f} |")
     print(f"| tokens/s per GPU | {per_gpu:,.0f} |")
     print(f"| MFU, cpt-ds formula (recomputed here) | {100 * mfu_engine:.1f}% |")
+    if options.document_attention and options.document_length < options.seq:
+        # The formula's attention term counts the whole window; within documents each token attends
+        # only to its own document, so at long blocks the formula overstates the work done.
+        within = model_math(shape, options.document_length)
+        print(f"| MFU, attention within {options.document_length:,}-token documents (seq = document length) | "
+              f"{100 * per_gpu * within.flops_per_token / (peak * 1e12):.1f}% |")
     if measured.engine_mfu is not None:
         print(f"| MFU as the engine logged it (time-weighted) | {100 * measured.engine_mfu:.1f}% |")
     print(f"| achieved TFLOP/s per GPU (cpt-ds formula) | {per_gpu * math_.flops_per_token / 1e12:.1f} |")
@@ -403,7 +434,6 @@ def run(options: Options, work: Path, dry_run: bool, timeout: float) -> int:
           f"{math.log(shape['vocab_size']):.2f}) | {measured.final_loss:.3f} |")
     met = mfu_engine >= MFU_TARGET
     print(f"\nMFU target >= {MFU_TARGET:.0%}: {'met' if met else 'NOT met'} ({100 * mfu_engine:.1f}%, cpt-ds formula)")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -417,6 +447,9 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="gpu_mfu_") as scratch:
             return run(options, Path(scratch), dry_run, timeout)
     except BenchmarkError as error:
+        if isinstance(error, OutOfMemory):
+            print(f"gpu_mfu: skipped seq {options.seq}, micro-batch {options.micro_batch}: {error}", file=sys.stderr)
+            return 3
         print(f"gpu_mfu: {error}", file=sys.stderr)
         return 2
 
