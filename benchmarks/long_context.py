@@ -19,7 +19,12 @@ The data are uniform random ids in documents of ``--document_length`` tokens (8,
 32K block holds 4 documents, a 4K block part of one), with document attention on (the default; on CPU
 SDPA once per document; under SP2 after Ulysses' all-to-all, over the whole window's gathered positions).
 
-Measured per launch: each rank's peak resident set (``VmHWM``, start-up included, through
+Measured per launch: each rank's peak resident set (``VmHWM``, start-up included, with glibc's mmap
+threshold fixed at 64 KiB in every column (harness ``exact_rss``) so that it follows live tensors: with
+glibc's default, blocks freed by one layer's transient copies stay in the heap and the resident set
+grows with them, more so under SP2, whose all-to-all makes a few more transient copies per layer
+(measured: SP2's growth per block token 0.60x SP1's with the default allocator, 0.50x with the fixed
+threshold, the fixed parts equal within 1 MiB; docs/long_context.md), through
 benchmarks/harness.py), reported as the larger of the two ranks, and tokens/s **per rank**: global
 tokens per step / median seconds of the steps after the first / 2 ranks. Per rank is the fair measure:
 SP1 on 2 ranks is 2 data-parallel replicas (a global batch of 2 samples), SP2 is one replica (1 sample),
@@ -207,7 +212,7 @@ def train(assets: Assets, layout: Layout, block: int, max_steps: int, work: Path
     config.write_text(json.dumps(run_config(assets, layout, block, max_steps, work / label), indent=2) + "\n")
     print(f"{time.strftime('%H:%M:%S')} start {layout.name} block {block:,}, {max_steps} step(s)", flush=True)
     launched = launch(label, REPO / "train.py", ["--config", str(config)], work, num_ranks=NUM_RANKS,
-                      peak_rss=True, timeout=3600)
+                      peak_rss=True, exact_rss=True, timeout=3600)
     check_layout(work / f"{label}.log", layout)
     tokens_per_step = block * NUM_RANKS // layout.sp_size  # one sample per data-parallel replica
     rate = step_rate(work / label / "metrics.jsonl", tokens_per_step, max_steps) / NUM_RANKS

@@ -76,8 +76,8 @@ class NonFiniteGradientError(DivergedError):
     """The gradients overflowed in fp32/bf16, where DeepSpeed would otherwise skip the update silently."""
 
 
-_DIVERGED_ADVICE = ("training stopped before the optimizer step and before any save. Lower learning_rate, enable "
-                   "gradient_clipping in the DeepSpeed JSON, check the data, or resume from the last checkpoint in {}")
+_DIVERGED_ADVICE = ("Lower learning_rate, enable gradient_clipping in the DeepSpeed JSON, check the data, or resume "
+                   "from the last checkpoint in {}")
 
 
 class Trainer:
@@ -244,7 +244,8 @@ class Trainer:
         # and carrying on would report success for a model that stopped learning.
         if not self.engine.was_step_applied() and self.ds.precision != "fp16":
             raise NonFiniteGradientError(f"non-finite gradient at step {self.step + 1} (grad norm {norm}); DeepSpeed "
-                                         f"skipped the update and {_DIVERGED_ADVICE.format(self.output_dir)}")
+                                         f"skipped the update and training stopped before any save. "
+                                         f"{_DIVERGED_ADVICE.format(self.output_dir)}")
         return total, (float(norm) if norm is not None else None)
 
     def accumulate_gradients(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
@@ -273,7 +274,8 @@ class Trainer:
         total = all_reduce_stats(stats)
         if int(total[num_corpora, 0]) > 0:
             raise NonFiniteLossError(f"non-finite loss at step {self.step + 1} in {int(total[num_corpora, 0])} "
-                                     f"micro-batch(es) across ranks; {_DIVERGED_ADVICE.format(self.output_dir)}")
+                                     f"micro-batch(es) across ranks; stopped before the optimizer step and before "
+                                     f"any save. {_DIVERGED_ADVICE.format(self.output_dir)}")
         return total[:num_corpora]
 
     def forward(self, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> LossOutput:
