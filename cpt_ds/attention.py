@@ -233,10 +233,22 @@ def attention_problems(model_config: ModelConfig) -> list[str]:
                                  fallback="PyTorch SDPA")
 
 
-def sequence_parallel_problems(sp_size: int, hf_config: Any) -> list[str]:
-    """What keeps this model from splitting its attention heads over ``sp_size`` ranks."""
-    if sp_size == 1 or hf_config is None:
-        return []
+def sequence_parallel_problems(sp_size: int, hf_config: Any, *, world_size: int, block_size: int) -> list[str]:
+    """What keeps ``world_size`` ranks from sharing ``block_size``-token samples in groups of ``sp_size``,
+    and this model (None: not known yet) from splitting its attention heads over a group."""
+    if sp_size <= 1:
+        return []  # below 1 is reported by the config check
+    problems = []
+    if world_size % sp_size:
+        problems.append(f"sequence_parallel_size {sp_size} does not divide the world size {world_size}; launch a "
+                        f"multiple of {sp_size} ranks or change sequence_parallel_size")
+    if block_size % sp_size:
+        problems.append(f"block_size {block_size} is not divisible by sequence_parallel_size {sp_size} (each rank "
+                        f"holds block_size / N tokens); use a multiple of {sp_size}")
+    return problems if hf_config is None else problems + _head_split_problems(sp_size, hf_config)
+
+
+def _head_split_problems(sp_size: int, hf_config: Any) -> list[str]:
     text = hf_config.get_text_config()
     fix = "set sequence_parallel_size to a divisor of it, or 1"
     if text.model_type not in SEQUENCE_PARALLEL_MODEL_TYPES:

@@ -96,7 +96,6 @@ def preflight(config: RunConfig, *, world_size: int, rank: int = 0) -> Plan:
     model_cfg, data_cfg, train_cfg = config.model, config.data, config.train
     problems = config.config_problems()
     sp_size = max(1, train_cfg.sequence_parallel_size)  # below 1 is reported by config_problems
-    problems += _sequence_split_problems(config, world_size)
     # DeepSpeed's train_batch_size counts data-parallel replicas: a sequence-parallel group trains one sample.
     ds, ds_problems = load_deepspeed_config(
         train_cfg.deepspeed, world_size=max(1, world_size // sp_size),
@@ -129,7 +128,8 @@ def preflight(config: RunConfig, *, world_size: int, rank: int = 0) -> Plan:
             if warning is not None:
                 logger.warning(warning)
     problems += attention_problems(model_cfg)
-    problems += sequence_parallel_problems(sp_size, hf_config)
+    problems += sequence_parallel_problems(train_cfg.sequence_parallel_size, hf_config, world_size=world_size,
+                                           block_size=data_cfg.block_size)
     problems += liger_problems(model_cfg.use_liger_kernel)
     has_eval_data = bool(data_cfg.eval_data_path) or data_cfg.validation_split_percentage > 0
     if train_cfg.eval_steps is not None and not has_eval_data:
@@ -143,21 +143,6 @@ def preflight(config: RunConfig, *, world_size: int, rank: int = 0) -> Plan:
     assert ds is not None and hf_config is not None and tokenizer is not None
     return Plan(config=config, ds=ds, train_components=train_components, eval_sets=eval_sets, hf_config=hf_config,
                 tokenizer=tokenizer, tokenizer_fingerprint=fingerprint, vocab_size=vocab_size)
-
-
-def _sequence_split_problems(config: RunConfig, world_size: int) -> list[str]:
-    """Ranks and tokens that sequence_parallel_size cannot split evenly, and what it does not combine with."""
-    sp_size, block_size = config.train.sequence_parallel_size, config.data.block_size
-    if sp_size <= 1:
-        return []  # below 1 is reported by config_problems
-    problems = []
-    if world_size % sp_size:
-        problems.append(f"sequence_parallel_size {sp_size} does not divide the world size {world_size}; launch a "
-                        f"multiple of {sp_size} ranks or change sequence_parallel_size")
-    if block_size % sp_size:
-        problems.append(f"block_size {block_size} is not divisible by sequence_parallel_size {sp_size} (each rank "
-                        f"holds block_size / N tokens); use a multiple of {sp_size}")
-    return problems
 
 
 def _path_problems(config: RunConfig, ds: DeepSpeedSettings | None) -> list[str]:

@@ -8,8 +8,8 @@ limited to each token's own document when ``document_attention`` is on (cpt_ds/a
 Gradient math: per micro-batch we backpropagate ``loss_sum * accumulation * d / global_tokens``.
 DeepSpeed divides by the accumulation steps, sums gradients over all ranks and divides by ``d`` (the
 data-parallel replicas; every rank under ZeRO-3, ``DeepSpeedSettings.gradient_divisor``), so the applied
-gradient is exactly that of the token-weighted mean loss over the whole global batch (every label counts once, whichever rank or micro-batch it landed in). Under
-sequence parallelism (``sequence_parallel_size`` N, data-parallel size world / N) each rank of a group
+gradient is exactly that of the token-weighted mean loss over the whole global batch (every label counts
+once, whichever rank or micro-batch it landed in). Under sequence parallelism (``sequence_parallel_size`` N, data-parallel size world / N) each rank of a group
 holds 1/N of each sample's tokens (cpt_ds/data/loader.py) and the attention exchanges them
 (cpt_ds/attention.py); every token still lives on exactly one rank, so the same sums hold.
 

@@ -156,11 +156,8 @@ def load_samples(args: argparse.Namespace, folder: Path) -> dict[str, PackedSamp
 def split_sequences(model, args: argparse.Namespace, layout: Layout, implementation: str,
                     document_attention: bool) -> None:
     """Switch the model to Ulysses attention over groups of ``--sequence_parallel_size`` ranks."""
-    problems = sequence_parallel_problems(layout.sp_size, model.config)
-    if layout.world_size % layout.sp_size:
-        problems.append(f"--sequence_parallel_size {layout.sp_size} does not divide the {layout.world_size} ranks")
-    if args.block_size % layout.sp_size:
-        problems.append(f"--block_size {args.block_size} is not divisible by --sequence_parallel_size {layout.sp_size}")
+    problems = sequence_parallel_problems(layout.sp_size, model.config, world_size=layout.world_size,
+                                          block_size=args.block_size)
     if problems:
         raise UsageError("; ".join(problems))
     group = sequence_parallel_groups(layout.sp_size).get_sequence_parallel_group()
