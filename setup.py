@@ -36,6 +36,7 @@ setup(
         # use_liger_kernel: Liger-Kernel's fused linear cross entropy and RMSNorm / SwiGLU / RoPE (CUDA, Triton)
         "gpu": ["liger-kernel>=0.5"],
         "plot": ["matplotlib>=3.8"],
-        "dev": ["pytest>=8", "bitsandbytes>=0.45", "matplotlib>=3.8"],
+        # pytest-xdist: the README's test command runs the suite on 2 workers (docs/testing.md)
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "bitsandbytes>=0.45", "matplotlib>=3.8"],
     },
 )

@@ -32,7 +32,8 @@ from helpers_preemption import (
 )
 
 STEPS = 10
-# Evaluations every 2 steps over 240 samples one at a time (~1 s here): long enough to signal inside one.
+# Evaluations every 4 steps (the phase boundary among them) over 120 samples one at a time (~0.5 s here):
+# long enough to signal inside one.
 # Saves every 4 steps, each held open 1.5 s (save_fault_delay_seconds) to signal inside one.
 SAVE_DELAY = 1.5
 
@@ -43,7 +44,7 @@ def preempt_config(assets, out: Path, **overrides) -> dict:
     stable = {"name": "stable", "steps": 4, "data_path": [str(assets.corpus)]}
     anneal = {"name": "anneal", "steps": STEPS - 4,
               "data_path": ["0.5", str(assets.corpus), "0.5", str(assets.corpus_b)]}
-    config = run_config(assets, out, max_steps=STEPS, eval_steps=2, save_steps=4, max_eval_samples=240,
+    config = run_config(assets, out, max_steps=STEPS, eval_steps=4, save_steps=4, max_eval_samples=120,
                         per_device_eval_batch_size=1, save_fault_delay_seconds=SAVE_DELAY,
                         config_overrides="attention_dropout=0.1", phases=[stable, anneal], lr_scheduler_type="wsd",
                         decay_steps=STEPS - 4, decay_type="1-sqrt", **overrides)
@@ -163,10 +164,13 @@ def test_a_second_signal_and_a_kill_during_the_stop_save_keep_the_previous_check
 
 def test_max_wall_minutes_stops_with_a_checkpoint_before_the_budget_ends(assets, tmp_path):
     # 30 s from each rank's start: a launch's set-up takes about 5 s on an idle 2-core AVX-512 machine
-    # (about 15 s expected on AVX2); a set-up past the budget still trains one step, and fails below.
+    # (about 15 s expected on AVX2, more beside the suite's other worker); a set-up past the budget still
+    # trains one step, and fails below. Every step saves, each save held open 0.5 s: the run spends its
+    # budget mostly asleep, leaving the cores to the other worker, and the stop must keep back a save.
     budget = 0.5
     out = tmp_path / "out"
-    done = train(run_config(assets, out, max_steps=100_000, max_wall_minutes=budget, logging_steps=50),
+    done = train(run_config(assets, out, max_steps=100_000, max_wall_minutes=budget, logging_steps=50, save_steps=1,
+                            save_total_limit=2, save_fault_delay_seconds=0.5),
                  workdir=tmp_path, launcher=True)
     assert done.returncode == 3, done.output[-3000:]
     (record,) = preempted(out)
