@@ -202,17 +202,26 @@ def rank_pool(num_ranks: int) -> RankPool:
     return _POOLS[num_ranks]
 
 
+LONGEST_MODULES_FIRST = ("test_preemption.py", "test_launch.py", "test_front_door.py", "test_resume.py",
+                         "test_export.py", "test_rank_pool.py")
+"""The modules with the most real launches, longest first (``--durations`` per module, docs/testing.md).
+The test command's two workers take whole modules in collection order; started first, these never leave
+one worker running a long module alone at the end."""
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """``CPT_DS_TEST_ORDER=reverse`` or ``random:SEED`` runs the suite in another order, to show that no
-    test depends on what an earlier one left behind (modules stay whole, as pytest-randomly keeps them)."""
+    """Longest modules first; ``CPT_DS_TEST_ORDER=reverse`` or ``random:SEED`` runs the suite in another
+    order instead, to show that no test depends on what an earlier one left behind (modules stay whole,
+    as pytest-randomly keeps them)."""
     order = os.environ.get("CPT_DS_TEST_ORDER", "")
-    if not order:
-        return
     modules: dict[str, list[pytest.Item]] = {}
     for item in items:
         modules.setdefault(item.nodeid.split("::")[0], []).append(item)
     groups = list(modules.values())
-    if order == "reverse":
+    if not order:
+        rank = {name: position for position, name in enumerate(LONGEST_MODULES_FIRST)}
+        groups.sort(key=lambda group: rank.get(Path(group[0].nodeid.split("::")[0]).name, len(rank)))
+    elif order == "reverse":
         groups = [group[::-1] for group in groups[::-1]]
     elif order.startswith("random:"):
         shuffle = random.Random(int(order.removeprefix("random:"))).shuffle
