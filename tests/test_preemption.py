@@ -163,11 +163,11 @@ def test_a_second_signal_and_a_kill_during_the_stop_save_keep_the_previous_check
 
 
 def test_max_wall_minutes_stops_with_a_checkpoint_before_the_budget_ends(assets, tmp_path):
-    # 30 s from each rank's start: a launch's set-up takes about 5 s on an idle 2-core AVX-512 machine
-    # (about 15 s expected on AVX2, more beside the suite's other worker); a set-up past the budget still
+    # 45 s from each rank's start: a launch's set-up takes about 5 s on an idle 2-core AVX-512 machine,
+    # about 15 s expected on AVX2 and more beside the suite's other worker; a set-up past the budget still
     # trains one step, and fails below. Every step saves, each save held open 0.5 s: the run spends its
     # budget mostly asleep, leaving the cores to the other worker, and the stop must keep back a save.
-    budget = 0.5
+    budget = 0.75
     out = tmp_path / "out"
     done = train(run_config(assets, out, max_steps=100_000, max_wall_minutes=budget, logging_steps=50, save_steps=1,
                             save_total_limit=2, save_fault_delay_seconds=0.5),
