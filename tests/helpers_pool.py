@@ -125,7 +125,9 @@ class RankPool:
                 pending.remove(connection)
                 try:
                     code = connection.recv()["code"]
-                except EOFError:  # the rank process died: its launcher ends the others and exits
+                # The rank process died (a reset instead of an end of file when it left data unread):
+                # its launcher ends the others and exits.
+                except (EOFError, ConnectionResetError):
                     code, broken = self._died_code(), True
                 if code != 0 and first_failure is None:
                     first_failure = code

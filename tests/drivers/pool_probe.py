@@ -20,8 +20,11 @@ def main() -> int:
     mode = sys.argv[-1]
     rank, _, _ = init_distributed()
     if mode == "report":
-        print(f"rank {rank}: probe={os.environ.get('CPT_DS_POOL_PROBE', '-')} "
-              f"leftover={os.environ.get('CPT_DS_POOL_PROBE_LEFTOVER', '-')} cwd={os.getcwd()}", flush=True)
+        # One write per line: both ranks share the launcher's stdout, and print()'s separate write of the
+        # newline let the other rank's line land in between (seen with the suite on two workers).
+        sys.stdout.write(f"rank {rank}: probe={os.environ.get('CPT_DS_POOL_PROBE', '-')} "
+                         f"leftover={os.environ.get('CPT_DS_POOL_PROBE_LEFTOVER', '-')} cwd={os.getcwd()}\n")
+        sys.stdout.flush()
         os.environ["CPT_DS_POOL_PROBE_LEFTOVER"] = "set by an earlier job"
         # "once" warnings are remembered process-wide; a fresh launch shows this one every time.
         warnings.filterwarnings("once", message="pool probe warning")
