@@ -204,7 +204,7 @@ def rank_pool(num_ranks: int) -> RankPool:
 
 LONGEST_MODULES_FIRST = ("test_preemption.py", "test_launch.py", "test_front_door.py", "test_resume.py",
                          "test_export.py", "test_rank_pool.py")
-"""The modules with the most real launches, longest first (``--durations`` per module, docs/testing.md).
+"""The modules with the most real launches, longest first (pytest --durations summed per module).
 The test command's two workers take whole modules in collection order; started first, these never leave
 one worker running a long module alone at the end."""
 
